@@ -1,0 +1,266 @@
+"""Training throughput: our Ray Train + DeepSpeed trainer vs TRL's DPOTrainer, same model, same pairs.
+
+Same tiny Llama (built in code, fixed seed, saved to a temp dir), same pairs (arithmetic train
+split: chosen = gold answer, rejected = gold + 1, a weight in [1, 2]), same beta, lr (1 warm-up
+step, then linear decay to 0: DeepSpeed's WarmupDecayLR refuses 0 warm-up steps), gradient
+clipping 1.0, AdamW without weight decay, per-device batch size, fp32 on CPU, one epoch:
+
+  ours  jobs.train.run_training: Ray Data -> RefLogp actor stage (reference log-probs, streamed)
+        -> Ray Train TorchTrainer, `--workers` DeepSpeed workers (ZeRO `--zero-stage`, default 2 as
+        in configs/tiny-cpu.yaml), weighted DPO
+        (weight_placement margin). Torch threads: `--threads` split over the workers.
+  trl   trl.DPOTrainer (sigmoid loss = unweighted DPO), reference model in the trainer: its
+        reference log-probs are computed inside every step. No eval, report_to none, no
+        checkpoints, no gradient checkpointing. `--threads` torch threads.
+
+Tokens are counted the same way for both: prompt + response tokens of chosen and rejected,
+padding excluded (for ours from our tokenisation, cross-checked against metrics.jsonl; for TRL
+from its tokenized dataset). Each run is a fresh subprocess; they run one after another.
+
+Throughputs printed (tokens / seconds):
+  trl   train()      wall of trainer.train(), set-up (tokenising, model loading) excluded
+  trl   steady       median step time (callback timestamps), first step excluded
+  ours  total        wall of run_training: Ray Train start-up, worker set-up, the RefLogp stage,
+                     every step, checkpoint (what a user waits for)
+  ours  steps        sum of metrics.jsonl step_seconds: the steps only; the RefLogp stage streams
+                     alongside them on the same cores, so reference time is partly included
+  ours  steady       median step_seconds, first step excluded
+and the ratios ours/TRL (steps vs train(), steady vs steady, total vs train()).
+
+    .venv/bin/python bench/trainer_vs_trl.py [--pairs 256 --batch 8 --workers 1]
+    .venv/bin/python bench/trainer_vs_trl.py --hidden 512 --layers 4 --workers 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, arithmetic_pairs, header, median, n_params, save_model
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def write_pairs(pairs: list[dict], out_dir: Path) -> Path:
+    import pyarrow.parquet as pq
+
+    from wpo_ray import contracts
+
+    rows = [dict(p, round=1, n_samples=4, n_correct=1, n_wrong=3, chosen_source="gold",
+                 rejected_answer=p["rejected"], rejected_count=3) for p in pairs]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(contracts.from_rows(rows, "pairs"), out_dir / "pairs.parquet")
+    return out_dir
+
+
+def our_token_count(policy: str, pairs: list[dict]) -> int:
+    """prompt + response tokens of chosen and rejected, non-pad, as our worker tokenises them."""
+    from wpo_ray.batching import collate, encode_pairs
+    from wpo_ray.generation import load_hf_policy
+
+    _, tok = load_hf_policy(policy)
+    enc = encode_pairs(tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
+                       [p["rejected"] for p in pairs], 2048)
+    return int(collate(enc, tok.pad_token_id)["attention_mask"].sum())
+
+
+# ---------------------------------------------------------------------------------------- children
+
+
+def child_ours(a) -> dict:
+    from jobs.train import run_training
+    from wpo_ray.cluster import init_ray
+    from wpo_ray.config import load_config
+
+    threads = max(1, a.threads // a.workers_n)
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [
+        f"model.path={a.policy}", f"run.dir={a.work}/run", f"run.seed={a.seed}", "ray.address=local",
+        f"train.num_workers={a.workers_n}", f"train.cpus_per_worker={threads}",
+        f"train.micro_batch_size={a.batch}", "train.grad_accum=1", "train.epochs=1", f"train.max_steps={a.steps}",
+        f"train.lr={a.lr}", "train.warmup_steps=1", "train.loss.base=dpo", f"train.loss.beta={a.beta}",
+        "train.loss.weight_placement=margin", "train.reference_logps=precomputed", f"train.deepspeed.zero_stage={a.zero_stage}",
+        "train.checkpoint_every=0",
+    ])
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    init_ray(cfg.ray)
+    work = Path(a.work) / "work"
+    t0 = time.perf_counter()
+    info = run_training(cfg, a.pairs_dir, Path(a.work) / "out", a.policy, a.policy, work)
+    total = time.perf_counter() - t0
+    metrics = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    import ray
+
+    ray.shutdown()
+    return {"total_s": total, "steps": info["steps"], "step_seconds": [m["step_seconds"] for m in metrics],
+            "metric_tokens": sum(m["tokens_per_s"] * m["step_seconds"] for m in metrics),
+            "first_loss": metrics[0]["loss"], "last_loss": metrics[-1]["loss"], "threads_per_worker": threads}
+
+
+def child_trl(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(a.threads)
+    pairs = json.loads(Path(a.pairs_json).read_text())
+    ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    tok = AutoTokenizer.from_pretrained(a.policy)
+    model = AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32)
+    args = DPOConfig(
+        output_dir=str(Path(a.work) / "trl"), per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
+        max_steps=a.steps, num_train_epochs=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=1,
+        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", beta=a.beta, loss_type=["sigmoid"],
+        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, max_length=None,
+        eval_strategy="no", save_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True,
+        dataloader_num_workers=0, seed=a.seed, data_seed=a.seed, precompute_ref_log_probs=False,
+    )
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.stamps = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            if not self.stamps:
+                self.stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.stamps.append(time.perf_counter())
+
+    cb = StepTimes()
+    t0 = time.perf_counter()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[cb])
+    setup = time.perf_counter() - t0
+    td = trainer.train_dataset
+    per_row = [2 * len(p) + len(c) + len(r) for p, c, r in zip(td["prompt_ids"], td["chosen_ids"], td["rejected_ids"])]
+    consumed = a.steps * a.batch
+    tokens = sum(per_row) if consumed == len(per_row) else sum(per_row) / len(per_row) * consumed
+    t0 = time.perf_counter()
+    out = trainer.train()
+    train_s = time.perf_counter() - t0
+    steps = [b - a_ for a_, b in zip(cb.stamps, cb.stamps[1:])]
+    return {"train_s": train_s, "setup_s": setup, "tokens": tokens, "step_seconds": steps,
+            "exact_epoch": consumed == len(per_row), "train_loss": out.training_loss, "threads": a.threads}
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8, help="per-device micro-batch size (pairs)")
+    ap.add_argument("--workers", default="1", help="our worker counts to run, comma-separated (e.g. 1,2)")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in total per run")
+    ap.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3],
+                    help="our DeepSpeed ZeRO stage (the project's default is 2)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="show the children's logs")
+    ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--policy", help=argparse.SUPPRESS)
+    ap.add_argument("--pairs-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--pairs-json", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--workers-n", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        res = child_ours(a) if a.child == "ours" else child_trl(a)
+        print("BENCH_RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    workers = [int(x) for x in a.workers.split(",")]
+    for w in workers:
+        if a.pairs % (w * a.batch):
+            ap.error(f"--pairs {a.pairs} must be a multiple of workers x batch = {w * a.batch} (one exact epoch)")
+    header("trainer throughput: ours (Ray Train + DeepSpeed) vs TRL DPOTrainer",
+           {k: v for k, v in vars(a).items() if k not in ("child", "policy", "pairs_dir", "pairs_json", "work",
+                                                          "steps", "workers_n")})
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        tmp = Path(tmp)
+        policy = save_model(tmp / "policy", a.hidden, a.layers, seed=a.seed)
+        from wpo_ray.generation import load_hf_policy
+
+        print(f"model: tiny Llama hidden={a.hidden} layers={a.layers} "
+              f"params={n_params(load_hf_policy(policy)[0]) / 1e6:.2f}M")
+        pairs = arithmetic_pairs(a.pairs, seed=a.seed)
+        pairs_dir = write_pairs(pairs, tmp / "pairs")
+        (tmp / "pairs.json").write_text(json.dumps(pairs))
+        tokens = our_token_count(policy, pairs)
+        print(f"pairs: {len(pairs)} (one epoch), {tokens} tokens (prompt+response, chosen+rejected, non-pad), "
+              f"{tokens / len(pairs):.1f} per pair")
+
+        runs = ([] if a.skip_trl else [("trl", 1)]) + [("ours", w) for w in workers]
+        for kind, w in runs:
+            steps = a.pairs // (a.batch * w)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--policy", policy,
+                   "--pairs-dir", str(pairs_dir), "--pairs-json", str(tmp / "pairs.json"),
+                   "--work", str(tmp / f"{kind}-{w}"), "--steps", str(steps), "--workers-n", str(w),
+                   "--batch", str(a.batch), "--zero-stage", str(a.zero_stage), "--beta", str(a.beta), "--lr", str(a.lr), "--threads", str(a.threads),
+                   "--seed", str(a.seed)]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            proc_s = time.perf_counter() - t0
+            if a.verbose or proc.returncode:
+                sys.stdout.write(proc.stdout[-20000:])
+                sys.stderr.write(proc.stderr[-20000:])
+            if proc.returncode:
+                print(f"{kind} (workers={w}) failed with exit code {proc.returncode}")
+                return 1
+            r = json.loads([x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")][-1].split(" ", 1)[1])
+            r.update(steps_n=steps, process_s=proc_s)
+            results[(kind, w)] = r
+            print(f"  ran {kind} workers={w}: {steps} steps, process {proc_s:.1f}s", flush=True)
+
+    print()
+    print(f"ours: DeepSpeed ZeRO stage {a.zero_stage}")
+    fig = {}
+    if ("trl", 1) in results:
+        r = results[("trl", 1)]
+        steady = median(r["step_seconds"][1:])
+        fig["trl"] = dict(train=r["tokens"] / r["train_s"], steady=r["tokens"] / r["steps_n"] / steady)
+        print(f"TRL DPOTrainer ({r['threads']} threads): {r['steps_n']} steps, tokens {r['tokens']:.0f} "
+              f"{'(exact epoch)' if r['exact_epoch'] else '(scaled)'}; set-up {r['setup_s']:.1f}s (excluded), "
+              f"train() {r['train_s']:.2f}s -> {fig['trl']['train']:8.0f} tok/s; median step {steady * 1e3:.1f} ms "
+              f"-> steady {fig['trl']['steady']:8.0f} tok/s; train loss {r['train_loss']:.4f}")
+    for (kind, w), r in results.items():
+        if kind != "ours":
+            continue
+        steps_s = sum(r["step_seconds"])
+        steady = median(r["step_seconds"][1:])
+        f = dict(total=tokens / r["total_s"], steps=tokens / steps_s, steady=tokens / r["steps_n"] / steady)
+        fig[("ours", w)] = f
+        print(f"ours, {w} worker(s) x {r['threads_per_worker']} thread(s): {r['steps_n']} steps, tokens {tokens} "
+              f"(metrics.jsonl says {r['metric_tokens']:.0f}); loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}\n"
+              f"    total run_training {r['total_s']:.1f}s -> {f['total']:8.0f} tok/s (Ray Train start-up, RefLogp "
+              f"stage, checkpoint included)\n"
+              f"    steps only {steps_s:.2f}s (first step {r['step_seconds'][0]:.2f}s) -> {f['steps']:8.0f} tok/s "
+              f"(reference log-probs streamed alongside)\n"
+              f"    median step {steady * 1e3:.1f} ms -> steady {f['steady']:8.0f} tok/s")
+    if "trl" in fig:
+        print()
+        for w in workers:
+            f, t = fig[("ours", w)], fig["trl"]
+            print(f"RATIO ours({w} worker)/TRL tokens/s: steps-only vs train() {f['steps'] / t['train']:.2f}x | "
+                  f"steady vs steady {f['steady'] / t['steady']:.2f}x | total run_training vs train() "
+                  f"{f['total'] / t['train']:.3f}x")
+        print("(TRL's reference forward is inside each timed step; ours is a separate streamed stage: included in "
+              "'total', partly overlapping 'steps', absent from 'steady' once the stage has finished)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""The second half of a round (DESIGN §7): pairs → reference log-probs → DeepSpeed workers → checkpoint.
+
+The pairs are read with Ray Data and streamed (through the RefLogp actor pool when reference
+log-probs are precomputed) into a Ray Train `TorchTrainer`; the driver never holds them.
+
+    python -m jobs.train --config configs/tiny-cpu.yaml --pairs runs/tiny-cpu/round-001/pairs
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors.train_worker import METRICS_FILE, checkpoint_has_policy, expected_total_steps
+from wpo_ray import contracts
+from wpo_ray.config import Config
+
+
+def _pairs_files(source: Path) -> tuple[list[Path], str]:
+    if source.is_dir():
+        files = sorted(source.glob("*.parquet"))
+        if files:
+            return files, "parquet"
+        files = sorted(source.glob("*.jsonl"))
+        if files:
+            return files, "json"
+        raise FileNotFoundError(f"--pairs {source}: no *.parquet or *.jsonl files in the directory")
+    if not source.exists():
+        raise FileNotFoundError(f"--pairs {source} does not exist")
+    return [source], "json" if source.suffix in (".jsonl", ".json") else "parquet"
+
+
+def read_pairs(source: str | Path, cfg: Config):
+    """A Ray dataset of pairs from our pairs directory or a TRL-format preference dataset.
+
+    TRL data needs prompt / chosen / rejected; a missing `weight` means 1.0 (uniform). Returns
+    (dataset, number of pairs, whether ref log-probs are already present).
+    """
+    import ray.data
+
+    files, fmt = _pairs_files(Path(source))
+    if fmt == "parquet":
+        n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        schema = pq.read_schema(files[0])
+        ds = ray.data.read_parquet([str(f) for f in files])
+    else:
+        import json
+
+        import pyarrow.json as pajson
+
+        for f in files:  # the explicit schema below would fill a missing column with nulls
+            first = next((ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()), None)
+            if first is None:
+                raise contracts.ContractError(f"{f}: empty file, expected JSON Lines of prompt/chosen/rejected")
+            missing = [c for c in ("prompt", "chosen", "rejected") if c not in json.loads(first)]
+            if missing:
+                raise contracts.ContractError(f"{f}: line 1: missing column {missing[0]!r} (TRL preference format)")
+
+        # Arrow's reader (it reads JSON Lines natively) with the text columns pinned to string:
+        # the pandas reader behind lines=True turns an answer such as "36" into an integer.
+        text = pa.schema([pa.field(c, pa.string()) for c in ("prompt", "chosen", "rejected")])
+        ds = ray.data.read_json([str(f) for f in files], parse_options=pajson.ParseOptions(
+            explicit_schema=text, unexpected_field_behavior="infer"))
+        schema, n = ds.schema().base_schema, ds.count()
+    probe = schema.empty_table()
+    contracts.validate(probe, "trl", source=str(source))
+    if "weight" in schema.names:
+        if not pa.types.is_floating(schema.field("weight").type) and not pa.types.is_integer(schema.field("weight").type):
+            raise contracts.ContractError(f"{source}: column 'weight' has type {schema.field('weight').type}, expected a number")
+    else:
+        ds = ds.map_batches(lambda b: b.append_column("weight", pa.array([1.0] * len(b), pa.float64())),
+                            batch_format="pyarrow")
+    if "prompt_id" not in schema.names:
+        ds = ds.add_column("prompt_id", lambda df: df["prompt"].index.astype(str), batch_format="pandas")
+    has_ref = {"ref_chosen_logp", "ref_rejected_logp"} <= set(schema.names)
+    return ds, n, has_ref
+
+
+def run_training(cfg: Config, pairs_source: str | Path, output_dir: str | Path, policy_path: str,
+                 reference_path: str, work_dir: str | Path, log=print) -> dict:
+    """Train the policy on the pairs and write `output_dir` (policy/ in HF safetensors + deepspeed/)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from actors.ref_logp import RefLogpActor
+    from actors.train_worker import train_loop_per_worker
+
+    t = cfg.train
+    output_dir, work_dir = Path(output_dir).absolute(), Path(work_dir).absolute()
+    ds, n_pairs, has_ref = read_pairs(pairs_source, cfg)
+    total = expected_total_steps(n_pairs, cfg)
+    max_length = cfg.bootstrap.model.max_position_embeddings if cfg.model.path == "builtin:tiny" else 2048
+    if t.loss.needs_reference and t.reference_logps == "precomputed" and not has_ref:
+        ds = ds.map_batches(RefLogpActor, fn_constructor_kwargs=dict(
+            model_path=reference_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+            max_length=max_length, micro_batch_size=t.micro_batch_size),
+            batch_size=64, batch_format="pyarrow", concurrency=1, num_cpus=1, num_gpus=1 if t.use_gpu else 0)
+        log(f"[train] reference log-probs precomputed by a RefLogp actor stage ({reference_path})")
+    elif t.loss.needs_reference and t.reference_logps == "worker":
+        log(f"[train] reference model on each worker ({reference_path})")
+    log(f"[train] {n_pairs} pairs -> {total} optimizer steps on {t.num_workers} DeepSpeed ZeRO-{t.deepspeed.zero_stage} "
+        f"worker(s), loss {t.loss.base} (beta {t.loss.beta}, weight placement {t.loss.weight_placement})")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = work_dir / METRICS_FILE
+    metrics_path.unlink(missing_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"), "policy_path": policy_path, "reference_path": reference_path,
+            "total_steps": total, "max_length": max_length, "metrics_path": str(metrics_path),
+            "tensorboard_dir": str(work_dir / "tensorboard"),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(name="ray_train", storage_path=str(work_dir),
+                                       failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
+        datasets={"train": ds},
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError("training finished without a checkpoint")
+    # Copy under a temp name, verify, then rename: `output_dir` exists only when complete.
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with ckpt.as_directory() as d:
+        shutil.copytree(d, tmp)
+    if not checkpoint_has_policy(tmp):
+        raise RuntimeError(f"checkpoint {ckpt.path} has no HF policy weights")
+    shutil.rmtree(output_dir, ignore_errors=True)
+    tmp.rename(output_dir)
+    shutil.copy(output_dir / METRICS_FILE, metrics_path)
+    info = {"pairs": n_pairs, "steps": total, "seconds": round(time.time() - t0, 1), "checkpoint": str(output_dir)}
+    log(f"[train] done: {total} steps in {info['seconds']}s -> {output_dir}")
+    return info
+
+
+def main_train(cfg: Config, pairs: str, output: str | None) -> int:
+    from wpo_ray.bootstrap import resolve_policy
+    from wpo_ray.cluster import init_ray
+
+    policy = resolve_policy(cfg)
+    init_ray(cfg.ray)
+    out = Path(output) if output else Path(cfg.run.dir) / "train" / "checkpoint"
+    run_training(cfg, pairs, out, policy, policy, out.parent)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wpo_ray.cli import main as cli_main
+
+    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

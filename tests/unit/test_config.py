@@ -1,0 +1,140 @@
+"""Config loading: dotted overrides, and every rejected config names its key and what was expected."""
+
+from pathlib import Path
+
+import pytest
+
+from wpo_ray.config import ConfigError, apply_override, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+RUN_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "runtime_env.yaml")
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS)
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.train.loss.beta > 0
+
+
+def test_runtime_env_example_keeps_local_folders_out_of_the_upload():
+    import yaml
+
+    env = yaml.safe_load((ROOT / "configs" / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "."
+    assert {".venv/", "runs/", ".cache/"} <= set(env["excludes"])
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+
+
+def test_defaults_and_overrides_parse_yaml_values():
+    cfg = load_config(None, ["train.loss.beta=0.2", "sampling.n=4", "train.loss.focal.detach=true",
+                             "data.arithmetic.max_digits=2"])
+    assert cfg.train.loss.beta == 0.2 and cfg.sampling.n == 4
+    assert cfg.train.loss.focal.detach is True and cfg.data.arithmetic.max_digits == 2
+
+
+def test_override_wins_over_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  loss:\n    beta: 0.5\n")
+    assert load_config(f).train.loss.beta == 0.5
+    assert load_config(f, ["train.loss.beta=0.3"]).train.loss.beta == 0.3
+
+
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("train.loss.beta=0", "train.loss.beta", "greater than 0"),
+        ("train.loss.beta=-1", "train.loss.beta", "greater than 0"),
+        ("sampling.n=0", "sampling.n", "greater than or equal to 1"),
+        ("weighting.alpha=-0.5", "weighting.alpha", "greater than or equal to 0"),
+        ("weighting.eps=0", "weighting.eps", "greater than 0"),
+        ("train.loss.label_smoothing=0.5", "train.loss.label_smoothing", "less than 0.5"),
+        ("train.loss.label_smoothing=-0.1", "train.loss.label_smoothing", "greater than or equal to 0"),
+        ("train.deepspeed.zero_stage=4", "train.deepspeed.zero_stage", "less than or equal to 3"),
+        ("train.loss.base=kto", "train.loss.base", "'dpo'"),
+        ("sampling.backend=sglang", "sampling.backend", "'vllm'"),
+        ("train.loss.weight_placement=both", "train.loss.weight_placement", "'margin'"),
+        ("sampling.n=many", "sampling.n", "integer"),
+        ("train.lr=fast", "train.lr", "number"),
+        ("sampling.engine.gpu_memory_utilization=1.5", "sampling.engine.gpu_memory_utilization", "less than or equal to 1"),
+        ("run.rounds=0", "run.rounds", "greater than or equal to 1"),
+        ("train.loss.focal.gamma=-1", "train.loss.focal.gamma", "greater than or equal to 0"),
+        ("train.loss.gamma_po.tau=0", "train.loss.gamma_po.tau", "greater than 0"),
+        ("bootstrap.model.num_heads=8", "bootstrap.model", "head size"),
+    ],
+)
+def test_out_of_range_values_name_the_key(override, key, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert f"  {key}:" in msg, msg
+    assert expected in msg, msg
+
+
+@pytest.mark.parametrize(
+    "overrides, key, expected",
+    [
+        (["train.loss.base=ipo", "train.loss.focal.gamma=2"], "train.loss", "focal.gamma > 0 is defined only"),
+        (["train.loss.base=hinge", "train.loss.focal.gamma=1"], "train.loss", "has no ranking probability"),
+        (["train.loss.base=ipo", "train.loss.gamma_po.enabled=true"], "train.loss", "gamma_po needs a base"),
+        (["train.loss.base=dpo", "train.loss.label_smoothing=0.1"], "train.loss", "label_smoothing applies only"),
+        (["data.source=jsonl"], "data", "data.train_path is required"),
+    ],
+)
+def test_undefined_combinations_are_rejected(overrides, key, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert f"  {key}:" in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def test_defined_combinations_load():
+    assert load_config(None, ["train.loss.base=simpo", "train.loss.gamma_po.enabled=true",
+                              "train.loss.focal.gamma=1"]).train.loss.gamma_po.enabled
+    assert load_config(None, ["train.loss.base=cdpo", "train.loss.label_smoothing=0.2"]).train.loss.label_smoothing == 0.2
+
+
+def test_unknown_keys_are_rejected_with_full_path(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.loss.betta=0.1"])
+    assert "train.loss.betta: unknown key" in str(e.value)
+    f = tmp_path / "c.yaml"
+    f.write_text("sampling:\n  engine:\n    gpu_mem: 0.5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert "sampling.engine.gpu_mem: unknown key" in str(e.value) and str(f) in str(e.value)
+
+
+def test_bad_files_and_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(lst)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["train.loss.beta"])
+    with pytest.raises(ConfigError, match="train.lr: Input should be a valid number"):
+        load_config(None, ["train.lr.x=1"])
+    f = tmp_path / "lr.yaml"
+    f.write_text("train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="train.lr is a value, not a section"):
+        load_config(f, ["train.lr.x=1"])
+
+
+def test_apply_override_builds_nested_sections():
+    d = {}
+    apply_override(d, "a.b.c=[1, 2]")
+    assert d == {"a": {"b": {"c": [1, 2]}}}
+
+
+def test_digest_depends_on_content_only():
+    a = load_config(None, ["train.loss.beta=0.2"])
+    b = load_config(None, ["train.loss.beta=0.2"])
+    c = load_config(None, ["train.loss.beta=0.3"])
+    assert a.digest() == b.digest() != c.digest()
+    assert a.digest("bootstrap") == c.digest("bootstrap")

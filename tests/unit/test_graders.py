@@ -1,0 +1,211 @@
+"""Graders on hand-written tricky cases, and the math grader's time limit."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+
+from wpo_ray.graders import (
+    GRADERS,
+    Grade,
+    MathGrader,
+    extract_gsm8k_answer,
+    get_grader,
+    last_boxed,
+    sleepy_check_for_tests,
+)
+
+
+def test_registry():
+    assert set(GRADERS) == {"arithmetic", "gsm8k", "math"}
+    assert get_grader("arithmetic").name == "arithmetic"
+    assert get_grader("gsm8k").name == "gsm8k"
+    g = get_grader("math", timeout_s=1.5)
+    assert isinstance(g, MathGrader) and g.timeout_s == 1.5
+    with pytest.raises(ValueError, match="unknown grader 'mmlu'"):
+        get_grader("mmlu")
+
+
+def test_grade_is_frozen():
+    g = Grade("correct", "4")
+    assert g.note is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        g.verdict = "wrong"
+
+
+# ------------------------------------------------------------------------------------ arithmetic
+
+
+@pytest.mark.parametrize(
+    "response, gold, verdict, extracted",
+    [
+        ("522", "522", "correct", "522"),
+        ("521", "522", "wrong", "521"),
+        ("-12", "-12", "correct", "-12"),
+        ("12", "-12", "wrong", "12"),
+        ("007", "7", "correct", "7"),  # integer equality; extracted normalised
+        ("-0", "0", "correct", "0"),
+        ("  42\n43", "42", "correct", "42"),  # up to the first whitespace
+        ("42 is it", "42", "correct", "42"),
+        ("", "3", "invalid", None),
+        ("   \n", "3", "invalid", None),
+        ("4a", "4", "invalid", None),
+        ("+4", "4", "invalid", None),
+        ("4.0", "4", "invalid", None),
+        ("1,000", "1000", "invalid", None),
+        ("=4", "4", "invalid", None),
+    ],
+)
+def test_arithmetic_grader(response, gold, verdict, extracted):
+    g = get_grader("arithmetic")(response, gold)
+    assert (g.verdict, g.extracted) == (verdict, extracted)
+    if verdict == "invalid":
+        assert g.note
+
+
+def test_arithmetic_grade_many_broadcast_and_list():
+    g = get_grader("arithmetic")
+    assert [x.verdict for x in g.grade_many(["8", "9", "x"], "8")] == ["correct", "wrong", "invalid"]
+    assert [x.verdict for x in g.grade_many(["8", "9"], ["8", "9"])] == ["correct", "correct"]
+    with pytest.raises(ValueError, match="2 responses but 3 gold"):
+        g.grade_many(["8", "9"], ["8", "9", "10"])
+
+
+# ----------------------------------------------------------------------------------------- gsm8k
+
+
+@pytest.mark.parametrize(
+    "response, gold, verdict, extracted",
+    [
+        ("The answer is 1,000.", "1000", "correct", "1000"),
+        ("1000", "1,000", "correct", "1000"),
+        ("It costs $1,000.00 in total.", "1000", "correct", "1000"),
+        ("She has 12 apples.", "12", "correct", "12"),
+        ("5 + 7 = 12 apples, then 3 more", "12", "wrong", "3"),  # last number
+        ("Reasoning 3 + 4 = 7\n#### 7", "7", "correct", "7"),
+        ("#### 7\nthen I rambled 99", "7", "correct", "7"),  # after #### wins over the last number
+        ("10-3 = 7", "7", "correct", "7"),  # binary minus is not a sign
+        ("The temperature is -5 degrees", "-5", "correct", "-5"),
+        ("#### -5", "5", "wrong", "-5"),
+        ("#### $1,234", "1234", "correct", "1234"),
+        ("3.50", "3.5", "correct", "3.5"),
+        ("0.30000000001", "0.3", "correct", "0.30000000001"),  # float noise within 1e-6
+        ("0.3334", "0.3333", "wrong", "0.3334"),  # but not a different decimal
+        ("I do not know", "3", "invalid", None),
+        ("", "3", "invalid", None),
+        ("There are 48/2 = 24 clips\n#### 72", "Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "correct", "72"),
+        ("#### 72", "He sold 48 + 24 = 72 in all.\n#### 72", "correct", "72"),
+    ],
+)
+def test_gsm8k_grader(response, gold, verdict, extracted):
+    g = get_grader("gsm8k")(response, gold)
+    assert (g.verdict, g.extracted) == (verdict, extracted), g
+
+
+def test_gsm8k_extract():
+    assert str(extract_gsm8k_answer("#### 1,000")) == "1000"
+    assert extract_gsm8k_answer("no digits") is None
+    assert extract_gsm8k_answer("#### none") is None  # "####" without a number: no fallback to earlier text
+
+
+def test_gsm8k_gold_without_number_is_invalid():
+    g = get_grader("gsm8k")("12", "twelve")
+    assert g.verdict == "invalid" and "gold" in g.note
+
+
+def test_one_bad_answer_never_fails_the_batch():
+    g = get_grader("gsm8k")
+    out = g.grade_many(["#### 4", 1234, "#### 5"], "4")  # 1234 is not a string: the grader errs
+    assert [x.verdict for x in out] == ["correct", "invalid", "wrong"]
+    assert out[1].note.startswith("grader error: ")
+
+
+# ------------------------------------------------------------------------------------------ math
+
+
+@pytest.mark.parametrize(
+    "text, boxed",
+    [
+        ("so \\boxed{5}.", "5"),
+        ("\\boxed{1} then \\boxed{2}", "2"),  # the last one
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+        ("$\\fbox{ 7 }$", "7"),
+        ("\\boxed {x=3}", "x=3"),
+        ("\\boxed 5.", "5"),
+        ("\\boxed{\\frac{1}{2}", None),  # unbalanced
+        ("\\boxedx{3}", None),
+        ("the answer is 5", None),
+        ("", None),
+    ],
+)
+def test_last_boxed(text, boxed):
+    assert last_boxed(text) == boxed
+
+
+@pytest.fixture(scope="module")
+def math_grader():
+    g = get_grader("math", timeout_s=20.0)  # generous: only the timeout test needs a short limit
+    yield g
+    g.close()
+
+
+MATH_CASES = [
+    ("so the answer is \\boxed{0.5}", "\\frac{1}{2}", "correct"),
+    ("\\boxed{\\frac{1}{2}}", "0.5", "correct"),
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac12", "correct"),
+    ("\\boxed{1,000}", "1000", "correct"),
+    ("\\boxed{1000}", "1{,}000", "correct"),
+    ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}", "correct"),
+    ("\\boxed{x=3}", "3", "correct"),
+    ("\\boxed{-3}", "-3", "correct"),
+    ("\\boxed{3}", "-3", "wrong"),
+    ("\\boxed{\\{2, 1\\}}", "\\{1,2\\}", "correct"),  # sets
+    ("\\boxed{[0, 1)}", "[0,1)", "correct"),  # intervals
+    ("\\boxed{(0, 1)}", "[0,1)", "wrong"),
+    ("\\boxed{\\frac{1}{3}}", "0.5", "wrong"),
+    ("\\fbox{10}", "The count is $\\binom{5}{2} = \\boxed{10}$.", "correct"),  # gold = a MATH solution
+    ("I think it is 0.5", "\\frac{1}{2}", "invalid"),  # no \boxed
+    ("\\boxed{}", "1", "invalid"),
+]
+
+
+def test_math_grader_cases(math_grader):
+    responses = [r for r, _, _ in MATH_CASES]
+    golds = [g for _, g, _ in MATH_CASES]
+    out = math_grader.grade_many(responses, golds)
+    assert [g.verdict for g in out] == [v for _, _, v in MATH_CASES], out
+    assert out[0].extracted == "0.5"
+    assert out[-2].extracted is None and "boxed" in out[-2].note
+
+
+def test_math_grader_from_another_thread(math_grader):
+    # math_verify's own signal.alarm timeouts fail off the main thread; ours must not.
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("g", math_grader("\\boxed{\\frac{2}{4}}", "0.5")))
+    t.start()
+    t.join(60)
+    assert result["g"] == Grade("correct", "\\frac{2}{4}")
+
+
+def test_math_timeout_kills_and_recovers():
+    g = MathGrader(timeout_s=0.5, check=sleepy_check_for_tests)
+    try:
+        start = time.monotonic()
+        out = g.grade_many(
+            ["\\boxed{1}", "\\boxed{sleep:60}", "\\boxed{2}", "\\boxed{raise}", "\\boxed{die}", "\\boxed{2.0}"],
+            "2",
+        )
+        elapsed = time.monotonic() - start
+        assert [x.verdict for x in out] == ["wrong", "invalid", "correct", "invalid", "invalid", "correct"]
+        assert out[1] == Grade("invalid", "sleep:60", "timeout after 0.5s")
+        assert out[3].note == "grader error: RuntimeError: deliberate failure"
+        assert "process died" in out[4].note
+        assert g.restarts == 2  # after the timeout and after the crash
+        assert elapsed < 30  # the 60 s sleep was cut short
+        # a following normal call still works (same grader, fresh child)
+        assert g("\\boxed{\\frac{4}{2}}", "2").verdict == "correct"
+    finally:
+        g.close()

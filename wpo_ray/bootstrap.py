@@ -1,0 +1,149 @@
+"""SFT bootstrap of the tiny arithmetic policy (DESIGN §10).
+
+Trains the locally built Llama on `<s>question=answer</s>` until its greedy accuracy on a held-out
+slice of the train distribution reaches the middle of the target band, so the preference rounds
+start from a policy that gets easy questions right and hard ones wrong. Cached by a hash of
+everything that determines the result: a rerun with the same config returns instantly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from .config import Config
+
+DEV_SIZE = 256
+
+
+def bootstrap_key(cfg: Config) -> str:
+    """Hash of exactly what determines the bootstrapped policy (not run.dir, not the cache dir)."""
+    b = cfg.bootstrap.model_dump(mode="json")
+    b.pop("cache_dir")
+    # n_train (prompts per round) does not enter the SFT; n_test does (test prompts are excluded).
+    task = cfg.data.arithmetic.model_dump(mode="json", exclude={"n_train"})
+    what = {"bootstrap": b, "task": task, "seed": cfg.run.seed, "max_tokens": cfg.sampling.max_tokens}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def bootstrap_dir(cfg: Config) -> Path:
+    # Absolute: actors and train workers do not share the driver's working directory.
+    return Path(cfg.bootstrap.cache_dir).absolute() / bootstrap_key(cfg)
+
+
+def _batches(rows, tokenizer, batch_size, gen):
+    """Right-padded SFT batches with the loss on answer tokens and EOS only."""
+    import torch
+
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+        chunk = [rows[j] for j in order[i : i + batch_size]]
+        prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in chunk]  # BOS + prompt
+        answer_ids = [tokenizer(r["gold_answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                      for r in chunk]
+        width = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+        labels = torch.full((len(chunk), width), -100)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for k, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
+            seq = p + a
+            ids[k, : len(seq)] = torch.tensor(seq)
+            labels[k, len(p) : len(seq)] = torch.tensor(a)
+            mask[k, : len(seq)] = 1
+        yield ids, mask, labels
+
+
+def run_bootstrap(cfg: Config, force: bool = False, log=print) -> Path:
+    """Return the directory of the bootstrapped policy, training it first unless cached."""
+    import torch
+
+    from .arithmetic import ALPHABET, make_split
+    from .evaluation import evaluate
+    from .generation import HFSampler
+    from .graders import get_grader
+    from .tiny_model import build_char_tokenizer, build_tiny_model, save_policy
+
+    if cfg.data.source != "arithmetic":
+        raise ValueError("bootstrap trains the built-in tiny policy on the arithmetic task; "
+                         f"data.source is {cfg.data.source!r} (set model.path to your own model instead)")
+    out = bootstrap_dir(cfg)
+    if (out / "bootstrap.json").is_file() and not force:
+        log(f"[bootstrap] cached policy {out}")
+        return out
+
+    b = cfg.bootstrap
+    t0 = time.time()
+    torch.manual_seed(cfg.run.seed)
+    tokenizer = build_char_tokenizer(ALPHABET)
+    model = build_tiny_model(b.model, tokenizer, seed=cfg.run.seed)
+    rows = make_split(cfg.data.arithmetic, "train", n=b.n_train + DEV_SIZE)
+    train_rows, dev_rows = rows[:-DEV_SIZE], rows[-DEV_SIZE:]
+    test_rows = make_split(cfg.data.arithmetic, "test")
+    grader = get_grader("arithmetic")
+    max_tokens = cfg.sampling.max_tokens
+
+    opt = torch.optim.AdamW(model.parameters(), lr=b.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, b.steps) / b.steps))
+    )
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    target = sum(b.target_accuracy) / 2
+    sampler = HFSampler(model, tokenizer)
+    step, dev_acc, loss_val = 0, 0.0, float("nan")
+    log(f"[bootstrap] SFT of a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter policy "
+        f"on {len(train_rows)} questions, up to {b.steps} steps; stops at dev accuracy >= {target:.2f}")
+    while step < b.steps:
+        for ids, mask, labels in _batches(train_rows, tokenizer, b.batch_size, gen):
+            model.train()
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            loss_val = loss.item()
+            if step % 100 == 0 or step == b.steps:
+                model.eval()
+                dev_acc = evaluate(sampler, dev_rows, grader, max_tokens=max_tokens)["greedy_accuracy"]
+                log(f"[bootstrap] step {step}/{b.steps} loss {loss_val:.3f} dev greedy acc {dev_acc:.3f} "
+                    f"({time.time() - t0:.0f}s)")
+                if dev_acc >= target:
+                    break
+            if step >= b.steps:
+                break
+        if dev_acc >= target:
+            break
+
+    model.eval()
+    test = evaluate(sampler, test_rows, grader, max_tokens=max_tokens)
+    info = {"steps": step, "seconds": round(time.time() - t0, 1), "final_loss": loss_val, "dev_accuracy": dev_acc,
+            "test_greedy_accuracy": test["greedy_accuracy"], "test_by_bucket": test["greedy_by_bucket"],
+            "target_accuracy": list(b.target_accuracy), "key": bootstrap_key(cfg)}
+    # Write to a temp dir and rename: a crash never leaves a half-written cache entry.
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_policy(model, tokenizer, tmp)
+    (tmp / "bootstrap.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    lo, hi = b.target_accuracy
+    band = "inside" if lo <= test["greedy_accuracy"] <= hi else "OUTSIDE"
+    log(f"[bootstrap] done in {info['seconds']}s: test greedy accuracy {test['greedy_accuracy']:.3f} "
+        f"({band} the target band {lo}-{hi}); by bucket {test['greedy_by_bucket']} -> {out}")
+    return out
+
+
+def resolve_policy(cfg: Config, log=print) -> str:
+    """The initial policy: the bootstrapped tiny model for `builtin:tiny`, else a local HF directory."""
+    if cfg.model.path == "builtin:tiny":
+        return str(run_bootstrap(cfg, log=log))
+    p = Path(cfg.model.path).absolute()
+    if not (p / "config.json").is_file():
+        raise ValueError(f"model.path: {p} is not a local Hugging Face model directory (no config.json); "
+                         "nothing is downloaded at run time")
+    return str(p)

@@ -1,0 +1,114 @@
+"""`wpo-ray` command line: run | bootstrap | sample | train | eval | report.
+
+Every verb takes a YAML config and dotted overrides: `wpo-ray run configs/tiny-cpu.yaml train.loss.beta=0.2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wpo-ray", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.loss.beta=0.2")
+        sp.add_argument("--config", dest="config_opt", metavar="PATH", help="same as the positional config")
+        return sp
+
+    verb("run", "iterative rounds end to end: bootstrap if needed, sample, grade, pair, train, evaluate").add_argument(
+        "--fresh", action="store_true", help="delete the run directory and start over")
+    verb("bootstrap", "SFT the built-in tiny policy on the arithmetic task (cached)").add_argument(
+        "--force", action="store_true", help="retrain even if cached")
+    verb("sample", "the sampling half of one round: prompts -> samples -> graded -> pairs + skips").add_argument(
+        "--round", type=int, default=1, help="round number (default 1)")
+    tr = verb("train", "train on a pairs directory (ours, or a TRL-format preference dataset)")
+    tr.add_argument("--pairs", required=True, help="directory or file of pairs (Parquet / JSONL)")
+    tr.add_argument("--output", help="checkpoint directory (default: <run.dir>/train)")
+    ev = verb("eval", "greedy accuracy and maj@N of a policy on the test split")
+    ev.add_argument("--model", help="policy directory (default: the config's initial policy)")
+    verb("report", "write report.html + PNGs for a run directory")
+    return p
+
+
+def _split_config(args) -> tuple[str | None, list[str]]:
+    config, overrides = args.config_opt or args.config, list(args.overrides)
+    if args.config_opt and args.config:  # positional slot then holds the first override
+        overrides.insert(0, args.config)
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from .config import ConfigError, load_config
+
+    # No network at run time: transformers must never try the hub (inherited by Ray's processes).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    args = _parser().parse_args(argv)
+    config, overrides = _split_config(args)
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        print(f"wpo-ray: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _dispatch(args, cfg)
+    except KeyboardInterrupt:
+        print("wpo-ray: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"wpo-ray {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args, cfg) -> int:
+    from .bootstrap import resolve_policy, run_bootstrap
+
+    if args.verb == "bootstrap":
+        run_bootstrap(cfg, force=args.force)
+        return 0
+    if args.verb == "sample":
+        from jobs.sample import run_sampling
+
+        from .cluster import init_ray
+        from .rundir import RunDir
+
+        policy = resolve_policy(cfg)
+        init_ray(cfg.ray)
+        run_sampling(cfg, RunDir(cfg), args.round, policy)
+        return 0
+    if args.verb == "eval":
+        from jobs.evaluate import run_eval
+
+        result = run_eval(cfg, args.model or resolve_policy(cfg))
+        print(json.dumps(result, indent=2))
+        return 0
+    if args.verb == "train":
+        from jobs.train import main_train
+
+        return main_train(cfg, args.pairs, args.output)
+    if args.verb == "run":
+        from jobs.run import run_rounds
+
+        return run_rounds(cfg, fresh=args.fresh)
+    if args.verb == "report":
+        from .report import write_report
+
+        print(write_report(cfg.run.dir))
+        return 0
+    raise AssertionError(args.verb)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

