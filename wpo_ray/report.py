@@ -434,6 +434,9 @@ def render_html(data: dict, images: dict[str, str]) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Write `<run>/report.html` and its PNGs under `<run>/report/`; returns the HTML path."""
     run = Path(run_dir)
+    if not (run / "config.yaml").is_file():  # not a run directory: write nothing there
+        raise FileNotFoundError(f"{run.absolute()} is not a run directory (no config.yaml); "
+                                "pass the run's config, or run.dir=<run directory>")
     data = collect(run)
     out_dir = run / IMG_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
