@@ -7,6 +7,7 @@ forgets `trust_remote_code`, or a `pickle` / unguarded `torch.load` that slips i
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -17,14 +18,19 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(p for d in ("wpo_ray", "actors", "jobs") for p in (ROOT / d).rglob("*.py"))
 
 
+@functools.cache
+def _trees() -> tuple[tuple[Path, ast.Module], ...]:
+    return tuple((p.relative_to(ROOT), ast.parse(p.read_text(), str(p))) for p in SOURCES)
+
+
 def _calls(name: str):
-    for path in SOURCES:
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for path, tree in _trees():
+        for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 f = node.func
                 called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
                 if called == name:
-                    yield path.relative_to(ROOT), node
+                    yield path, node
 
 
 def test_trust_remote_code_is_off_by_default_and_in_every_shipped_config():
@@ -55,8 +61,7 @@ def test_vllm_engine_gets_trust_remote_code():
 
 
 def test_no_pickle_and_no_unguarded_torch_load():
-    for path in SOURCES:
-        tree = ast.parse(path.read_text(), str(path))
+    for path, tree in _trees():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
