@@ -9,8 +9,14 @@ from wpo_ray.graders import get_grader
 
 
 class GraderActor:
-    def __init__(self, grader: str, timeout_s: float = 5.0):
-        self.grader = get_grader(grader, timeout_s=timeout_s)
+    """Each answer is checked in the grader's child process under ``timeout_s`` (see wpo_ray.graders):
+    a hang or crash on one answer makes it ``invalid`` with its reason in ``grade_notes``.
+
+    ``grader_kwargs`` go to :func:`get_grader` (tests pass ``check=`` to inject a hang).
+    """
+
+    def __init__(self, grader: str, timeout_s: float = 5.0, **grader_kwargs):
+        self.grader = get_grader(grader, timeout_s=timeout_s, **grader_kwargs)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         verdicts, extracted, notes = [], [], []

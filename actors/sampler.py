@@ -4,6 +4,12 @@
 takes the new policy in place (vLLM `reload_weights`) instead of paying an engine start-up.
 `SampleBatch` is the Ray Data `map_batches` callable: a thin proxy that sends each Arrow batch of
 prompts to an engine and returns the batch in the `samples` contract.
+
+Engine death (a preempted node, the OOM killer): Ray restarts the engine (`sampling.max_restarts`)
+and the batch it was working on goes to another engine (`call_with_failover`). Every call names
+the policy it expects, so a restarted engine, which comes back with the model it was created
+with, reloads the current policy before it samples. Seeds are per prompt, so a re-routed batch
+gets the same samples it would have got: no prompt is lost or sampled twice.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import pyarrow as pa
 
 from wpo_ray import contracts
 from wpo_ray.config import Config, EngineConfig, SamplingConfig
+from wpo_ray.failpoints import failpoint
 from wpo_ray.generation import Completion, make_sampler, prompt_seed
 
 
@@ -25,15 +32,24 @@ class SamplerEngine:
         self.sampler = make_sampler(self.cfg.backend, model_path, EngineConfig.model_validate(self.cfg.engine),
                                     seed=seed, trust_remote_code=trust_remote_code, dtype=dtype,
                                     max_model_len=max_model_len)
+        self.policy = model_path
 
     def ready(self) -> bool:
         return True
 
-    def generate(self, prompts, seeds, n, temperature, top_p, max_tokens) -> list[list[tuple]]:
+    def _ensure_policy(self, policy: str | None) -> None:
+        if policy is not None and policy != self.policy:
+            print(f"[sampler] engine has {self.policy}, loading {policy} (restarted?)", flush=True)
+            self.load_weights(policy)
+
+    def generate(self, prompts, seeds, n, temperature, top_p, max_tokens, policy: str | None = None) -> list[list[tuple]]:
+        self._ensure_policy(policy)
         out = self.sampler.generate(prompts, seeds, n, temperature, top_p, max_tokens)
         return [[(c.text, c.logp, c.length) for c in comps] for comps in out]
 
-    def sample(self, batch: pa.Table, round_idx: int, run_seed: int) -> pa.Table:
+    def sample(self, batch: pa.Table, round_idx: int, run_seed: int, policy: str | None = None) -> pa.Table:
+        self._ensure_policy(policy)
+        failpoint("sampler.sample")
         rows = batch.to_pylist()
         # Empty prompts are not sampled; the pairing stage turns them into `empty_prompt` skips.
         live = [i for i, r in enumerate(rows) if (r["prompt"] or "").strip()]
@@ -57,22 +73,51 @@ class SamplerEngine:
     def load_weights(self, path: str) -> tuple[str, float]:
         t0 = time.time()
         mode = self.sampler.load_weights(path)
+        self.policy = path
         return mode, time.time() - t0
+
+
+def call_with_failover(engines: list, start: int, call, what: str, timeout_s: float):
+    """`ray.get(call(engine))` on the engine at `start`, or on the next ones while engines are dead.
+
+    A dead engine raises at once (ActorDiedError, or ActorUnavailableError while Ray restarts it);
+    the call moves to the next engine and, after trying them all, waits a little and goes round
+    again, until `timeout_s` has passed.
+    """
+    import ray
+    from ray.exceptions import RayActorError
+
+    t0, tries = time.time(), 0
+    while True:
+        engine = engines[(start + tries) % len(engines)]
+        try:
+            return ray.get(call(engine))
+        except RayActorError as e:
+            tries += 1
+            waited = time.time() - t0
+            if waited > timeout_s:
+                raise RuntimeError(f"{what}: no sampler engine answered within {timeout_s:g}s "
+                                   f"(sampling.failover_timeout_s); last error: {e}") from e
+            print(f"[samplers] {what}: engine {(start + tries - 1) % len(engines)} is dead or restarting "
+                  f"({type(e).__name__}); trying engine {(start + tries) % len(engines)}", flush=True)
+            if tries % len(engines) == 0:
+                time.sleep(min(10.0, 0.5 * tries))
 
 
 class SampleBatch:
     """Ray Data stage: forwards each batch to one of the engines (round robin from a random start)."""
 
-    def __init__(self, engines: list, round_idx: int, run_seed: int):
-        self.engines, self.round_idx, self.run_seed = engines, round_idx, run_seed
+    def __init__(self, engines: list, round_idx: int, run_seed: int, policy: str, failover_timeout_s: float):
+        self.engines, self.round_idx, self.run_seed, self.policy = engines, round_idx, run_seed, policy
+        self.failover_timeout_s = failover_timeout_s
         self.next = random.randrange(len(engines))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import ray
-
-        engine = self.engines[self.next % len(self.engines)]
+        start = self.next
         self.next += 1
-        return ray.get(engine.sample.remote(batch, self.round_idx, self.run_seed))
+        return call_with_failover(
+            self.engines, start, lambda e: e.sample.remote(batch, self.round_idx, self.run_seed, self.policy),
+            f"round {self.round_idx} batch of {len(batch)} prompts", self.failover_timeout_s)
 
 
 class SamplerPool:
@@ -82,7 +127,11 @@ class SamplerPool:
         import ray
 
         s = cfg.sampling
-        remote = ray.remote(num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor)(SamplerEngine)
+        # max_task_retries=0: a call on a dead engine fails at once and call_with_failover
+        # re-routes it, rather than waiting for this engine's restart (a vLLM start is minutes).
+        remote = ray.remote(num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor,
+                            max_restarts=s.max_restarts, max_task_retries=0)(SamplerEngine)
+        self.failover_timeout_s = s.failover_timeout_s
         max_len = cfg.bootstrap.model.max_position_embeddings if cfg.model.path == "builtin:tiny" else None
         t0 = time.time()
         self.engines = [
@@ -98,7 +147,16 @@ class SamplerPool:
 
         if path == self.model_path:
             return []
-        res = ray.get([e.load_weights.remote(path) for e in self.engines])
+        from ray.exceptions import RayActorError
+
+        refs = [e.load_weights.remote(path) for e in self.engines]
+        res = []
+        for i, ref in enumerate(refs):
+            try:
+                res.append(ray.get(ref))
+            except RayActorError as e:  # it loads the policy its next call names (_ensure_policy)
+                log(f"[samplers] engine {i} is dead or restarting ({type(e).__name__}); it loads {path} on its next call")
+                res.append(("deferred", 0.0))
         self.model_path = path
         modes = [m for m, _ in res]
         how = "in place (no engine restart)" if set(modes) == {"in_place"} else "by reloading the engine"
@@ -107,16 +165,21 @@ class SamplerPool:
 
     # The Sampler protocol, so evaluation runs through the same engines.
     def generate(self, prompts, seeds, n, temperature, top_p, max_tokens) -> list[list[Completion]]:
-        import ray
+        from concurrent.futures import ThreadPoolExecutor
 
         k = len(self.engines)
         chunk = -(-len(prompts) // k)
-        futures = [e.generate.remote(prompts[i * chunk : (i + 1) * chunk], seeds[i * chunk : (i + 1) * chunk],
-                                     n, temperature, top_p, max_tokens) for i, e in enumerate(self.engines)]
-        out: list[list[Completion]] = []
-        for part in ray.get(futures):
-            out.extend([[Completion(*c) for c in comps] for comps in part])
-        return out
+
+        def part(i: int):
+            sl = slice(i * chunk, (i + 1) * chunk)
+            return call_with_failover(
+                self.engines, i, lambda e: e.generate.remote(prompts[sl], seeds[sl], n, temperature, top_p,
+                                                             max_tokens, self.model_path),
+                f"generating {len(prompts[sl])} prompts", self.failover_timeout_s)
+
+        with ThreadPoolExecutor(k) as ex:  # one chunk per engine, in parallel
+            parts = list(ex.map(part, range(k)))
+        return [[Completion(*c) for c in comps] for p in parts for comps in p]
 
     def shutdown(self) -> None:
         import ray

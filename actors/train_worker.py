@@ -1,10 +1,16 @@
 """The training worker loop: one DeepSpeed engine per Ray Train worker, fed by a Ray Data shard of pairs.
 
-Each worker reads `get_dataset_shard("train")` (Ray Train splits it equally: uneven batch counts
-would hang DeepSpeed's collectives), tokenises pairs, runs chosen and rejected in one forward pass,
-and optimises the weighted preference loss of `wpo_ray.losses`. Checkpoints go through
-`ray.train.report`: every rank contributes its DeepSpeed shard, rank 0 adds the HF weights
-(safetensors), the trainer state and the metrics, so a restarted worker group resumes exactly.
+Each worker reads `get_dataset_shard("train")` (equal fixed shards, `jobs.train.FixedShards`:
+uneven batch counts would hang DeepSpeed's collectives), tokenises pairs, runs chosen and rejected
+in one forward pass, and optimises the weighted preference loss of `wpo_ray.losses`. Checkpoints
+go through `ray.train.report`: every rank contributes its DeepSpeed shard and its ledger of the
+pair ids it has applied; rank 0 adds the HF weights (safetensors), the trainer state and the
+metrics.
+
+Restarts are exactly-once: a restarted worker restores the state of the last checkpoint and skips
+the micro-batches that state already contains. Its shard is the same on every start, and the
+skipped batches are checked against the ledger, so a changed stream is an error, never a silent
+double or missed update.
 """
 
 from __future__ import annotations
@@ -18,12 +24,21 @@ import torch
 
 from wpo_ray.batching import collate, encode_pairs, sequence_logps, split_pair_logps
 from wpo_ray.config import Config
+from wpo_ray.failpoints import failpoint
 from wpo_ray.losses import GammaPOMargins, dist_gather_fn, preference_loss, reward_gaps
 
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 POLICY_DIR = "policy"
 DS_DIR = "deepspeed"
+
+
+def ledger_file(rank: int) -> str:
+    return f"pairs-applied-rank{rank:03d}.json"
+
+
+class StreamChangedError(RuntimeError):
+    """After a restart, the pairs stream differs from the one the checkpoint was trained on."""
 
 
 def deepspeed_config(cfg: Config, total_steps: int) -> dict:
@@ -105,11 +120,12 @@ def train_loop_per_worker(config: dict) -> None:
                   if loss_cfg.gamma_po.enabled else None)
 
     # Resume: DeepSpeed state (weights, optimizer, scheduler) + how far the data stream got.
-    micro_done, step, metrics_lines = 0, 0, []
+    micro_done, step, metrics_lines, applied = 0, 0, [], []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(str(Path(d) / DS_DIR), tag="ds")
+            applied = json.loads((Path(d) / ledger_file(rank)).read_text())
             state = json.loads((Path(d) / STATE_FILE).read_text())
             micro_done, step = state["micro_steps"], state["optimizer_steps"]
             if margins_fn is not None and state.get("gamma_po_queue") is not None:
@@ -132,6 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
             engine.save_checkpoint(str(d / DS_DIR), tag="ds")
             if final:
                 _save_hf(engine, tokenizer, d / POLICY_DIR, rank, t.deepspeed.zero_stage)
+            (d / ledger_file(rank)).write_text(json.dumps(applied))
             if rank == 0:
                 queue = margins_fn.state_dict()["queue"].tolist() if margins_fn is not None else None
                 (d / STATE_FILE).write_text(json.dumps({"micro_steps": micro_done, "optimizer_steps": step,
@@ -148,9 +165,17 @@ def train_loop_per_worker(config: dict) -> None:
             break
         for batch in shard.iter_batches(batch_size=t.micro_batch_size, batch_format="pyarrow", drop_last=True):
             seen += 1
-            if seen <= micro_done:
-                continue  # consumed before the restart
             cols = batch.to_pydict()
+            ids = [str(i) for i in cols.get("prompt_id") or []]
+            if seen <= micro_done:  # already in the restored state: check it is the same batch, skip it
+                mb = t.micro_batch_size
+                if ids != applied[(seen - 1) * mb : seen * mb]:
+                    raise StreamChangedError(
+                        f"rank {rank}: micro-batch {seen} after the restart holds pairs {ids[:3]}..., the checkpoint "
+                        f"applied {applied[(seen - 1) * mb : (seen - 1) * mb + 3]}...; the pairs changed since "
+                        "the checkpoint, refusing to resume on them")
+                continue
+            failpoint("train.micro_step")
             enc = encode_pairs(tokenizer, cols["prompt"], cols["chosen"], cols["rejected"],
                                config["max_length"], cols.get("prompt_id"))
             coll = collate(enc, tokenizer.pad_token_id)
@@ -176,6 +201,7 @@ def train_loop_per_worker(config: dict) -> None:
             engine.backward(out.loss)
             engine.step()
             micro_done += 1
+            applied.extend(ids)
             accum.append(out.metrics)
             if not boundary:
                 continue

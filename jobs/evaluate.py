@@ -29,7 +29,12 @@ def run_eval(cfg: Config, policy_path: str, sampler=None) -> dict:
     if sampler is None:
         sampler = make_sampler(cfg.sampling.backend, policy_path, cfg.sampling.engine, seed=cfg.run.seed,
                                trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
-    rows = test_rows(cfg)
+    tokenizer = None
+    if cfg.data.chat_template:  # prompts are rendered with the policy's own chat template
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
+    rows = test_rows(cfg, tokenizer)
     result = evaluate(sampler, rows, get_grader(cfg.grading.grader, timeout_s=cfg.grading.timeout_s),
                       maj_n=cfg.eval.maj_n, max_tokens=cfg.eval.max_tokens, seed=cfg.run.seed,
                       temperature=cfg.sampling.temperature)

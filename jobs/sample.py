@@ -17,29 +17,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from wpo_ray import contracts
+from wpo_ray.cluster import data_context
 from wpo_ray.config import Config
 from wpo_ray.rundir import RunDir
-
 
 
 class AccountingError(RuntimeError):
     """#prompts in != #pairs + #skips: something was lost or duplicated."""
 
 
+def check_accounting(r: int, n_in: int, n_pairs: int, n_skips: int) -> None:
+    if n_in != n_pairs + n_skips:
+        raise AccountingError(
+            f"round {r}: {n_in} prompts in but {n_pairs} pairs + {n_skips} skips out; refusing to continue"
+        )
+
+
 def count_rows(path: Path) -> int:
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-
-
-def _data_context():
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    # The sort of pairs/skips falls back to this many partitions when the input block count is
-    # unknown; Ray's default (200) is hundreds of tasks for a few hundred rows.
-    ctx.default_hash_shuffle_parallelism = max(2, int(ray.cluster_resources().get("CPU", 2)))
-    return ctx
 
 
 def _write(ds, run: RunDir, r: int, name: str, schema: pa.Schema) -> int:
@@ -80,7 +76,7 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
     from actors.sampler import SampleBatch, SamplerPool
     from wpo_ray.pairing import build_pairs
 
-    _data_context()
+    data_context()
     rd = run.round_dir(r)
     s = cfg.sampling
 
@@ -101,7 +97,8 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
         pool.load_weights(policy_path, log)
         # The stage's actors are thin proxies (no CPU reserved); the engines hold the resources.
         ds = ray.data.read_parquet(str(rd / "prompts" / "prompts.parquet")).map_batches(
-            SampleBatch, fn_constructor_kwargs=dict(engines=pool.engines, round_idx=r, run_seed=cfg.run.seed),
+            SampleBatch, fn_constructor_kwargs=dict(engines=pool.engines, round_idx=r, run_seed=cfg.run.seed,
+                                                 policy=policy_path, failover_timeout_s=s.failover_timeout_s),
             batch_size=s.batch_size, batch_format="pyarrow", concurrency=s.num_actors, num_cpus=0,
         )
         rows = _write(ds, run, r, "samples", contracts.SAMPLES)
@@ -139,10 +136,7 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
         RunDir.commit(tmp, final)
         n_skips = count_rows(final)
         n_in = n_prompts + run.done(r, "prompts")["bad_rows"]
-        if n_in != n_pairs + n_skips:
-            raise AccountingError(
-                f"round {r}: {n_in} prompts in but {n_pairs} pairs + {n_skips} skips out; refusing to continue"
-            )
+        check_accounting(r, n_in, n_pairs, n_skips)
         reasons = pq.read_table(final, columns=["reason"]).column("reason").value_counts().to_pylist()
         run.mark_done(r, "pairs", pairs=n_pairs, skips=n_skips, prompts=n_in,
                       skip_reasons={d["values"]: d["counts"] for d in reasons}, seconds=round(time.time() - t0, 1))

@@ -1,13 +1,17 @@
 """The second half of a round (DESIGN §7): pairs → reference log-probs → DeepSpeed workers → checkpoint.
 
-The pairs are read with Ray Data and streamed (through the RefLogp actor pool when reference
-log-probs are precomputed) into a Ray Train `TorchTrainer`; the driver never holds them.
+The pairs are read with Ray Data, get their reference log-probs from the RefLogp actor pool (when
+precomputed), are checked for values that would poison the optimizer, and are materialised in
+Ray's object store (not in the driver). Each worker then reads a fixed shard (`FixedShards`): the
+same rows in the same order on every (re)start, which is what makes resuming exactly-once.
 
     python -m jobs.train --config configs/tiny-cpu.yaml --pairs runs/tiny-cpu/round-001/pairs
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import sys
 import time
@@ -15,10 +19,49 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray.train
 
 from actors.train_worker import METRICS_FILE, checkpoint_has_policy, expected_total_steps
 from wpo_ray import contracts
 from wpo_ray.config import Config
+from wpo_ray.rundir import RunDirError, atomic_write_text
+
+JOB_FILE = "train_job.json"
+
+
+class FixedShards(ray.train.DataConfig):
+    """Split the (materialised) pairs into equal contiguous shards, the same on every (re)start.
+
+    Ray's default, `streaming_split`, hands blocks to whichever worker asks first, so after a
+    restart a worker's shard may hold other pairs, and skipping the micro-batches it had already
+    applied would skip the wrong ones. Equal sizes keep DeepSpeed's collectives in step.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        return [{name: shard.iterator() for name, shard in zip(datasets, shards)}
+                for shards in zip(*(ds.split(world_size, equal=True) for ds in datasets.values()))]
+
+
+def claim_work_dir(work_dir: Path, cfg: Config, policy: str, reference: str, pairs_files: list[Path]) -> None:
+    """Refuse to resume Ray Train state in `work_dir` that another training job left there.
+
+    Ray Train restores from any snapshot under `<work_dir>/ray_train`; one made with another model,
+    config or pairs must not be continued as if it were this job's.
+    """
+    job = {
+        "config": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("ray", "run")},
+        "policy": str(policy), "reference": str(reference),
+        "pairs": [[f.name, f.stat().st_size] for f in pairs_files],
+    }
+    path = work_dir / JOB_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [k for k in job if old.get(k) != job[k]]
+        if changed and (work_dir / "ray_train").exists():
+            raise RunDirError(f"{work_dir / 'ray_train'} holds the training state of another job (different "
+                              f"{', '.join(changed)}); remove {work_dir} or write the output elsewhere")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(job, indent=1))
 
 
 def _pairs_files(source: Path) -> tuple[list[Path], str]:
@@ -35,6 +78,13 @@ def _pairs_files(source: Path) -> tuple[list[Path], str]:
     return [source], "json" if source.suffix in (".jsonl", ".json") else "parquet"
 
 
+def _content_ids(batch: pa.Table) -> pa.Table:
+    """Ids for pairs from elsewhere that have none: a hash of the pair, stable across reads."""
+    ids = [hashlib.sha256("\0".join(t).encode()).hexdigest()[:16]
+           for t in zip(*(batch.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")))]
+    return batch.append_column("prompt_id", pa.array(ids, pa.string()))
+
+
 def read_pairs(source: str | Path, cfg: Config):
     """A Ray dataset of pairs from our pairs directory or a TRL-format preference dataset.
 
@@ -43,6 +93,9 @@ def read_pairs(source: str | Path, cfg: Config):
     """
     import ray.data
 
+    from wpo_ray.cluster import data_context
+
+    data_context()
     files, fmt = _pairs_files(Path(source))
     if fmt == "parquet":
         n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
@@ -76,7 +129,7 @@ def read_pairs(source: str | Path, cfg: Config):
         ds = ds.map_batches(lambda b: b.append_column("weight", pa.array([1.0] * len(b), pa.float64())),
                             batch_format="pyarrow")
     if "prompt_id" not in schema.names:
-        ds = ds.add_column("prompt_id", lambda df: df["prompt"].index.astype(str), batch_format="pandas")
+        ds = ds.map_batches(_content_ids, batch_format="pyarrow")
     has_ref = {"ref_chosen_logp", "ref_rejected_logp"} <= set(schema.names)
     return ds, n, has_ref
 
@@ -84,7 +137,6 @@ def read_pairs(source: str | Path, cfg: Config):
 def run_training(cfg: Config, pairs_source: str | Path, output_dir: str | Path, policy_path: str,
                  reference_path: str, work_dir: str | Path, log=print) -> dict:
     """Train the policy on the pairs and write `output_dir` (policy/ in HF safetensors + deepspeed/)."""
-    import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.ref_logp import RefLogpActor
@@ -105,7 +157,15 @@ def run_training(cfg: Config, pairs_source: str | Path, output_dir: str | Path, 
         log(f"[train] reference model on each worker ({reference_path})")
     log(f"[train] {n_pairs} pairs -> {total} optimizer steps on {t.num_workers} DeepSpeed ZeRO-{t.deepspeed.zero_stage} "
         f"worker(s), loss {t.loss.base} (beta {t.loss.beta}, weight placement {t.loss.weight_placement})")
-    work_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ds = ds.materialize()  # computed once; FixedShards splits it the same way on every restart
+    # Refused before any worker starts: one NaN weight or reference log-prob poisons the optimizer.
+    bad = ds.map_batches(contracts.untrainable_rows, batch_format="pyarrow").materialize()
+    n_bad = bad.count()
+    if n_bad:
+        raise contracts.untrainable_error(bad.take(1)[0], n_bad, str(pairs_source))
+    log(f"[train] pairs ready for the workers in {time.time() - t0:.1f}s")
+    claim_work_dir(work_dir, cfg, policy_path, reference_path, _pairs_files(Path(pairs_source))[0])
     metrics_path = work_dir / METRICS_FILE
     metrics_path.unlink(missing_ok=True)
     trainer = TorchTrainer(
@@ -119,10 +179,12 @@ def run_training(cfg: Config, pairs_source: str | Path, output_dir: str | Path, 
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(name="ray_train", storage_path=str(work_dir),
-                                       failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
+                                       failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                                       # The newest is what a restart needs; each holds optimizer state.
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": ds},
+        dataset_config=FixedShards(),
     )
-    t0 = time.time()
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
@@ -148,6 +210,7 @@ def main_train(cfg: Config, pairs: str, output: str | None) -> int:
     from wpo_ray.bootstrap import resolve_policy
     from wpo_ray.cluster import init_ray
 
+    _pairs_files(Path(pairs))  # a missing or empty --pairs fails here, before the bootstrap and Ray
     policy = resolve_policy(cfg)
     init_ray(cfg.ray)
     out = Path(output) if output else Path(cfg.run.dir) / "train" / "checkpoint"

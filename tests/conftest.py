@@ -54,7 +54,25 @@ def tiny_policy(tiny_cfg_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def failpoints_dir(tmp_path_factory) -> Path:
+    """Where tests arm failpoints (wpo_ray/failpoints.py); set before Ray starts so workers see it."""
+    from wpo_ray.failpoints import ENV
+
+    d = tmp_path_factory.mktemp("failpoints")
+    os.environ[ENV] = str(d)
+    return d
+
+
+@pytest.fixture
+def failpoints(failpoints_dir):
+    """The failpoints directory for one test; whatever the test armed and did not fire is disarmed."""
+    yield failpoints_dir
+    for f in failpoints_dir.iterdir():
+        f.unlink()
+
+
+@pytest.fixture(scope="session")
+def ray_session(failpoints_dir):
     """One embedded local Ray for the whole test session (6 logical CPUs on 2 cores: ENV.md)."""
     import ray
 

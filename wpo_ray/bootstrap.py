@@ -138,12 +138,51 @@ def run_bootstrap(cfg: Config, force: bool = False, log=print) -> Path:
     return out
 
 
+def check_policy_dir(path: str | Path, key: str = "model.path") -> Path:
+    """Refuse a policy directory that is missing, incomplete or not loadable without pickle.
+
+    Checked before any engine or Ray starts, so a wrong path fails in a second with the path and
+    what is missing instead of deep inside vLLM or a train worker. Returns the absolute path.
+    """
+    p = Path(path).expanduser().absolute()
+    where = f"{key}: {p}"
+    if not p.is_dir():
+        raise ValueError(f"{where} is not a directory (expected a local Hugging Face model directory; "
+                         "nothing is downloaded at run time)")
+    config = p / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{where} is not a local Hugging Face model directory (no config.json); "
+                         "nothing is downloaded at run time")
+    try:
+        hf_config = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: config.json is not valid JSON ({e})") from None
+    if not isinstance(hf_config, dict) or "model_type" not in hf_config:
+        raise ValueError(f"{where}: config.json has no 'model_type'; not a transformers model config")
+    if not any(p.glob("*.safetensors")):
+        # Only safetensors: loading a *.bin / *.pt checkpoint unpickles it, which the project never does.
+        pickled = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        msg = f"{where} has no *.safetensors weights"
+        if pickled:
+            msg += f"; only pickle-based weights {pickled}, which are refused (convert them to safetensors)"
+        raise ValueError(msg)
+    index = p / "model.safetensors.index.json"
+    if index.is_file():  # a sharded checkpoint: every shard it names must be there (partial download)
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{where}: model.safetensors.index.json is unreadable ({e!r})") from None
+        missing = sorted(s for s in shards if not (p / s).is_file())
+        if missing:
+            raise ValueError(f"{where}: incomplete checkpoint, shards listed in model.safetensors.index.json "
+                             f"are missing: {missing}")
+    if not any((p / t).is_file() for t in ("tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(f"{where} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    return p
+
+
 def resolve_policy(cfg: Config, log=print) -> str:
     """The initial policy: the bootstrapped tiny model for `builtin:tiny`, else a local HF directory."""
     if cfg.model.path == "builtin:tiny":
         return str(run_bootstrap(cfg, log=log))
-    p = Path(cfg.model.path).absolute()
-    if not (p / "config.json").is_file():
-        raise ValueError(f"model.path: {p} is not a local Hugging Face model directory (no config.json); "
-                         "nothing is downloaded at run time")
-    return str(p)
+    return str(check_policy_dir(cfg.model.path))

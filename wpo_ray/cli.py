@@ -72,26 +72,52 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def check_prompt_data(cfg, splits: tuple[str, ...]) -> None:
+    """Read the prompt data of `splits` once before any engine, Ray or bootstrap starts.
+
+    Loading prompts is pure and cheap, while the stages that load them run after Ray and vLLM are
+    up; checking first makes bad data fail in seconds, naming its file and line, before any stage
+    writes output. Chat templating needs the policy's tokenizer, so the stage checks it later.
+    """
+    if cfg.data.source == "arithmetic":  # generated in code: nothing to check
+        return
+    from jobs.evaluate import test_rows
+
+    from .prompts import load_prompts
+
+    plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"chat_template": False})})
+    if "train" in splits:
+        load_prompts(plain.data, "train")
+    if "test" in splits:
+        test_rows(plain)  # the evaluation's own loader: also refuses a missing data.test_path
+
+
 def _dispatch(args, cfg) -> int:
-    from .bootstrap import resolve_policy, run_bootstrap
+    from .bootstrap import check_policy_dir, resolve_policy, run_bootstrap
 
     if args.verb == "bootstrap":
         run_bootstrap(cfg, force=args.force)
         return 0
     if args.verb == "sample":
-        from jobs.sample import run_sampling
-
         from .cluster import init_ray
         from .rundir import RunDir
 
+        # Cheap checks first (run directory, prompt data, policy), then Ray.
+        run = RunDir(cfg)
+        if not run.done(args.round, "prompts"):
+            check_prompt_data(cfg, ("train",))
         policy = resolve_policy(cfg)
         init_ray(cfg.ray)
-        run_sampling(cfg, RunDir(cfg), args.round, policy)
+        from jobs.sample import run_sampling
+
+        run_sampling(cfg, run, args.round, policy)
         return 0
     if args.verb == "eval":
+        check_prompt_data(cfg, ("test",))
+        policy = str(check_policy_dir(args.model, "--model")) if args.model else resolve_policy(cfg)
         from jobs.evaluate import run_eval
 
-        result = run_eval(cfg, args.model or resolve_policy(cfg))
+        result = run_eval(cfg, policy)
         print(json.dumps(result, indent=2))
         return 0
     if args.verb == "train":
@@ -99,9 +125,23 @@ def _dispatch(args, cfg) -> int:
 
         return main_train(cfg, args.pairs, args.output)
     if args.verb == "run":
+        from .rundir import RunDir
+
+        # Open (or --fresh) the run directory here, so the prompt data its unfinished stages will
+        # read is checked before run_rounds starts the bootstrap, Ray and the engines.
+        run = RunDir(cfg, fresh=args.fresh)
+        rounds = range(1, cfg.run.rounds + 1)
+        splits = ()
+        if any(not run.done(r, "train") and not run.done(r, "prompts") for r in rounds):
+            splits += ("train",)
+        if any(not run.done(r, "eval") for r in (0, *rounds)):
+            splits += ("test",)
+        check_prompt_data(cfg, splits)
+        if cfg.model.path != "builtin:tiny":
+            check_policy_dir(cfg.model.path)  # run_rounds resolves it again; checked here with the data
         from jobs.run import run_rounds
 
-        return run_rounds(cfg, fresh=args.fresh)
+        return run_rounds(cfg, fresh=False)  # already made fresh above
     if args.verb == "report":
         from .report import write_report
 

@@ -51,3 +51,17 @@ def _loopback_only() -> None:
 
     if "ray._private.ray_constants" in sys.modules:
         sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+
+
+def data_context():
+    """Ray Data settings every stage uses: row order kept (same inputs, same files, same shards)."""
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    # The sort of pairs/skips falls back to this many partitions when the input block count is
+    # unknown; Ray's default (200) is hundreds of tasks for a few hundred rows.
+    ctx.default_hash_shuffle_parallelism = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    return ctx
+

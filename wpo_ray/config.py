@@ -152,6 +152,10 @@ class SamplingConfig(_Strict):
     num_cpus_per_actor: float = Field(1, ge=0)
     batch_size: int = Field(64, ge=1)
     engine: EngineConfig = EngineConfig()
+    # A dead engine is restarted by Ray up to this many times; meanwhile its batches go to the
+    # other engines, and a call fails only when no engine has answered for failover_timeout_s.
+    max_restarts: int = Field(3, ge=0)
+    failover_timeout_s: float = Field(900.0, gt=0)
 
 
 class GradingConfig(_Strict):

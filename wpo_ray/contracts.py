@@ -182,3 +182,40 @@ def from_rows(rows: list[dict], stage: str) -> pa.Table:
     """Build a table of `stage`'s schema from Python dicts (missing optional keys become null)."""
     schema = SCHEMAS[stage] if stage != "pairs_with_ref" else PAIRS_WITH_REF
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def untrainable_rows(batch: pa.Table) -> pa.Table:
+    """The pairs of `batch` whose weight or reference log-probs would poison the optimizer state:
+    NaN or infinite values, or a negative weight. One row per bad value: prompt_id, column, value,
+    expected. Runs as a Ray Data stage: it reports rather than raises, so the driver can name them."""
+    import pyarrow.compute as pc
+
+    out = {"prompt_id": [], "column": [], "value": [], "expected": []}
+    checks = [("weight", "a finite number >= 0")] + [(f.name, "a finite number") for f in REF_LOGP_FIELDS]
+    ids = batch.column("prompt_id").to_pylist() if "prompt_id" in batch.column_names else None
+    for col, expected in checks:
+        if col not in batch.column_names:
+            continue
+        values = batch.column(col).cast(pa.float64())
+        bad = pc.invert(pc.fill_null(pc.is_finite(values), False))
+        if col == "weight":
+            bad = pc.or_(bad, pc.fill_null(pc.less(values, 0.0), False))
+        for i in pc.indices_nonzero(bad).to_pylist():
+            out["prompt_id"].append(str(ids[i]) if ids else f"row {i}")
+            out["column"].append(col)
+            out["value"].append(str(values[i].as_py()))
+            out["expected"].append(expected)
+    return pa.table(out, schema=pa.schema([(k, pa.string()) for k in out]))
+
+
+def untrainable_error(first: dict, n_bad: int, source: str) -> ContractError:
+    return ContractError(f"{source}: pair {first['prompt_id']!r} has {first['column']} = {first['value']}, expected "
+                         f"{first['expected']} ({n_bad} such value(s)); refusing to train on these pairs")
+
+
+def check_trainable(batch: pa.Table, source: str = "pairs") -> pa.Table:
+    """`batch` unchanged, or ContractError naming its first untrainable pair (see untrainable_rows)."""
+    bad = untrainable_rows(batch)
+    if bad.num_rows:
+        raise untrainable_error(bad.slice(0, 1).to_pylist()[0], bad.num_rows, source)
+    return batch

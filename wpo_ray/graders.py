@@ -5,21 +5,28 @@
 where ``gold`` is one gold answer for every response or a list of one per response.
 
 Verdicts: ``correct``, ``wrong``, or ``invalid`` when no answer could be extracted or the check
-itself failed or timed out (``note`` says why). One bad answer never fails a batch: any exception
-while grading it becomes ``Grade("invalid", None, "grader error: ...")``.
+itself failed or timed out (``note`` says why). One bad answer never fails a batch.
 
 ``extracted`` is the answer in a normal form, so that equal answers count as one answer when the
 pairing stage looks for the most frequent wrong one: the integer for ``arithmetic`` (``"007"`` →
 ``"7"``), the number without separators or trailing zeros for ``gsm8k`` (``"$1,000.00"`` →
 ``"1000"``), the stripped ``\\boxed{}`` content for ``math``.
 
-The ``math`` grader checks equivalence with ``math_verify`` in a persistent child process: its own
-timeouts use ``signal.alarm``, which only works in a main thread, and a Ray actor may call from any
-thread. The parent waits at most ``timeout_s`` per answer; on expiry it kills the child, grades
-that answer ``invalid`` with note ``"timeout after Xs"`` and starts a fresh child for the rest.
-The child is started lazily (first call, ~0.5 s) and reused; it uses the ``spawn`` context, so a
-plain script that grades math at import time needs the usual ``if __name__ == "__main__":`` guard
-(Ray workers and pytest are fine).
+Every grader runs its per-answer check in a persistent child process (:class:`IsolatedRunner`), so
+that no answer can hang or crash the caller (a Ray Data stage, the evaluator). ``arithmetic`` and
+``gsm8k`` run their whole grading there; ``math`` extracts the ``\\boxed{}`` answer in the parent
+and runs only the ``math_verify`` equivalence in the child (math_verify's own timeouts use
+``signal.alarm``, which works only in a main thread, and a Ray actor may call from any thread).
+The parent sends a batch of answers and waits at most ``timeout_s`` per answer. An answer whose
+check times out, raises or kills the child is graded ``invalid`` with the note
+``"timeout after Xs"``, ``"grader error: <type>: <msg>"`` or
+``"grader error: <name> grader process died (...)"``; the child is killed if need be, a fresh one
+is started and it grades the rest of the batch.
+
+The child is started lazily on the first call (under a second; ``math`` also warms up sympy) and
+reused until :meth:`Grader.close`; each answer then costs a pipe round trip (~0.1 ms). It uses the
+``spawn`` context, so a plain script that grades at import time needs the usual
+``if __name__ == "__main__":`` guard (Ray workers and pytest are fine).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +57,6 @@ def _error_grade(e: BaseException) -> Grade:
     return Grade("invalid", None, f"grader error: {type(e).__name__}: {e}")
 
 
-class Grader:
-    """Base class: subclasses implement ``grade_one`` (or override ``grade_many``)."""
-
-    name = "base"
-
-    def grade_one(self, response: str, gold_answer: str) -> Grade:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __call__(self, response: str, gold_answer: str) -> Grade:
-        return self.grade_many([response], gold_answer)[0]
-
-    def grade_many(self, responses: Sequence[str], gold: Union[str, Sequence[str]]) -> list[Grade]:
-        golds = _broadcast_gold(responses, gold)
-        out = []
-        for r, g in zip(responses, golds):
-            try:
-                out.append(self.grade_one(r, g))
-            except Exception as e:  # noqa: BLE001 - one bad answer must not fail the batch
-                out.append(_error_grade(e))
-        return out
-
-    def close(self) -> None:
-        """Release resources (the math grader's child process); the grader stays usable."""
-
-
 def _broadcast_gold(responses: Sequence[str], gold: Union[str, Sequence[str], None]) -> list:
     if gold is None or isinstance(gold, str):
         return [gold] * len(responses)
@@ -84,33 +66,251 @@ def _broadcast_gold(responses: Sequence[str], gold: Union[str, Sequence[str], No
     return golds
 
 
+# ---------------------------------------------------------------------------- isolated checks
+
+
+def _runner_child(conn, check: Callable, warmup: Optional[Callable[[], None]]) -> None:  # pragma: no cover - child
+    """Child loop: for each batch of argument tuples, send back ``("ok", check(*args))`` or ``("error", msg)``."""
+    if warmup is not None:
+        try:
+            warmup()
+        except Exception:  # noqa: BLE001 - a failed warm-up only makes the first answer slower
+            pass
+    conn.send("ready")
+    while True:
+        try:
+            batch = conn.recv()
+        except (EOFError, OSError):
+            return
+        if batch is None:
+            return
+        for args in batch:
+            try:
+                conn.send(("ok", check(*args)))
+            except Exception as e:  # noqa: BLE001 - one bad answer must not end the child
+                conn.send(("error", f"{type(e).__name__}: {e}"[:500]))
+
+
+class IsolatedRunner:
+    """Runs ``check(*args)`` for batches of argument tuples in one persistent child process.
+
+    ``run(items)`` returns one ``(True, result)`` or ``(False, note)`` per item, in order. The parent
+    waits at most ``timeout_s`` per item; on a timeout or a dead child it kills the child, notes the
+    item and starts a fresh child for the rest. ``check`` and ``warmup`` must be module-level
+    functions (or ``functools.partial``s of them): they are sent to the child by reference.
+    """
+
+    def __init__(
+        self,
+        check: Callable,
+        timeout_s: float,
+        name: str,
+        warmup: Optional[Callable[[], None]] = None,
+        startup_timeout_s: float = 120.0,
+        mp_context: str = "spawn",
+    ):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.check = check
+        self.timeout_s = float(timeout_s)
+        self.name = name
+        self.warmup = warmup
+        self.startup_timeout_s = startup_timeout_s
+        self._ctx = mp.get_context(mp_context)
+        self._proc = None
+        self._conn = None
+        self._lock = threading.Lock()  # one batch at a time: Ray actors may call from several threads
+        self.restarts = 0  # children started after the first (timeouts, crashes)
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_runner_child, args=(child, self.check, self.warmup), daemon=True,
+                                 name=f"wpo-{self.name}-grader")
+        proc.start()
+        child.close()
+        if not parent.poll(self.startup_timeout_s):
+            proc.kill()
+            proc.join(5)
+            raise RuntimeError(f"{self.name} grader process did not start within {self.startup_timeout_s}s")
+        try:
+            parent.recv()
+        except EOFError:
+            proc.join(5)
+            raise RuntimeError(f"{self.name} grader process exited at start (exit code {proc.exitcode})") from None
+        if self._proc is not None:
+            self.restarts += 1
+        self._proc, self._conn = proc, parent
+
+    def _kill(self) -> None:
+        proc, conn = self._proc, self._conn
+        self._conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+    def __del__(self):  # best effort; the child is a daemon and dies with this process anyway
+        try:
+            self._kill()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def close(self) -> None:
+        """Stop the child; a later ``run`` starts a new one."""
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.send(None)
+                except OSError:
+                    pass
+            if self._proc is not None:
+                self._proc.join(1)
+            self._kill()
+            self._proc = None
+
+    def run(self, items: Sequence[tuple]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        with self._lock:
+            while len(results) < len(items):
+                pending = list(items[len(results) :])
+                if self._conn is None or self._proc is None or not self._proc.is_alive():
+                    self._kill()
+                    try:
+                        self._start()
+                    except Exception as e:  # noqa: BLE001 - no checker: every pending answer is invalid
+                        return results + [(False, f"grader error: {e}")] * len(pending)
+                try:
+                    self._conn.send(pending)
+                except Exception as e:  # noqa: BLE001 - broken pipe, or an argument that cannot be sent
+                    self._kill()
+                    return results + [(False, f"grader error: {type(e).__name__}: {e}")] * len(pending)
+                for args in pending:
+                    try:
+                        if self._conn.poll(self.timeout_s):
+                            status, value = self._conn.recv()
+                            results.append((True, value) if status == "ok" else (False, f"grader error: {value}"))
+                            continue
+                        failure = f"timeout after {self.timeout_s:g}s"
+                    except (EOFError, OSError) as e:
+                        self._proc.join(1)  # reap it, so that the exit code is known
+                        failure = (f"grader error: {self.name} grader process died "
+                                   f"({type(e).__name__}, exit code {self._proc.exitcode})")
+                    log.warning("%s grader: %s on answer %r; restarting its process", self.name, failure,
+                                str(args[0])[:80])
+                    results.append((False, failure))
+                    self._kill()  # the next pass of the while loop starts a fresh child for the rest
+                    break
+        return results
+
+
+# ------------------------------------------------------------------------------------- graders
+
+
+class Grader:
+    """Base class: ``check`` runs per answer in the child; ``_prepare``/``_finish`` run in the parent.
+
+    A subclass sets ``default_check`` (a module-level function; ``check=`` replaces it, which is how
+    tests inject :func:`sleepy_check_for_tests`) and, if part of the work is cheap and safe, overrides
+    ``_prepare`` (answers decided without the check) and ``_finish`` (the check's result → Grade).
+    """
+
+    name = "base"
+    default_check: Optional[Callable] = None
+    warmup: Optional[Callable[[], None]] = None  # run once in each new child
+
+    def __init__(
+        self,
+        timeout_s: float = 5.0,
+        check: Optional[Callable] = None,
+        startup_timeout_s: float = 120.0,
+        mp_context: str = "spawn",
+    ):
+        check = check if check is not None else self.default_check
+        if check is None:
+            raise TypeError(f"{type(self).__name__} has no check")
+        self.check = check
+        self._runner = IsolatedRunner(check, timeout_s, self.name, warmup=self.warmup,
+                                      startup_timeout_s=startup_timeout_s, mp_context=mp_context)
+        self.timeout_s = self._runner.timeout_s
+
+    @property
+    def restarts(self) -> int:
+        """Child processes started after the first one (after timeouts and crashes)."""
+        return self._runner.restarts
+
+    def _prepare(self, response: str, gold_answer: str) -> Union[Grade, tuple[tuple, Optional[str]]]:
+        """A final Grade, or ``(args for check, extracted answer)``. Default: the check does it all."""
+        return (response, gold_answer), None
+
+    def _finish(self, result: Any, extracted: Optional[str]) -> Grade:
+        """The check's result as a Grade. Default: the check returns the Grade itself."""
+        if not isinstance(result, Grade):
+            raise TypeError(f"{self.name} check returned {type(result).__name__}, expected Grade")
+        return result
+
+    def __call__(self, response: str, gold_answer: str) -> Grade:
+        return self.grade_many([response], gold_answer)[0]
+
+    def grade_many(self, responses: Sequence[str], gold: Union[str, Sequence[str]]) -> list[Grade]:
+        golds = _broadcast_gold(responses, gold)
+        out: list[Optional[Grade]] = [None] * len(responses)
+        work = []  # (index, args for the check, extracted answer)
+        for i, (r, g) in enumerate(zip(responses, golds)):
+            try:
+                prepared = self._prepare(r, g)
+            except Exception as e:  # noqa: BLE001 - one bad answer must not fail the batch
+                out[i] = _error_grade(e)
+                continue
+            if isinstance(prepared, Grade):
+                out[i] = prepared
+            else:
+                work.append((i, *prepared))
+        results = self._runner.run([args for _, args, _ in work]) if work else []
+        for (i, _, extracted), (ok, value) in zip(work, results):
+            try:
+                out[i] = self._finish(value, extracted) if ok else Grade("invalid", extracted, value)
+            except Exception as e:  # noqa: BLE001
+                out[i] = _error_grade(e)
+        return [g if g is not None else Grade("invalid", None, "not graded") for g in out]
+
+    def close(self) -> None:
+        """Stop the child process; the grader stays usable (the next call starts a new one)."""
+        self._runner.close()
+
+
 # ------------------------------------------------------------------------------------ arithmetic
 
 _INT_RE = re.compile(r"-?\d+")
 
 
-class ArithmeticGrader(Grader):
+def arithmetic_check(response: str, gold_answer: str) -> Grade:
     """The built-in arithmetic task: the response up to its first whitespace must be an integer.
 
     ``-?digits`` only (no ``+5``, no ``5.0``); compared as integers, so ``"007"`` equals ``"7"`` and
     ``"-0"`` equals ``"0"``. Anything else (empty, ``"12a"``, ``"1,000"``) is invalid.
     """
+    if gold_answer is None or not _INT_RE.fullmatch(str(gold_answer).strip()):
+        return Grade("invalid", None, f"gold answer {gold_answer!r} is not an integer")
+    parts = (response or "").split(maxsplit=1)
+    if not parts:
+        return Grade("invalid", None, "empty response")
+    token = parts[0]
+    if not _INT_RE.fullmatch(token):
+        return Grade("invalid", None, f"not an integer: {token[:40]!r}")
+    value = int(token)
+    verdict = "correct" if value == int(str(gold_answer).strip()) else "wrong"
+    return Grade(verdict, str(value))
+
+
+class ArithmeticGrader(Grader):
+    """:func:`arithmetic_check`, run in the child process."""
 
     name = "arithmetic"
-
-    def grade_one(self, response: str, gold_answer: str) -> Grade:
-        if gold_answer is None or not _INT_RE.fullmatch(str(gold_answer).strip()):
-            return Grade("invalid", None, f"gold answer {gold_answer!r} is not an integer")
-        parts = (response or "").split(maxsplit=1)
-        if not parts:
-            return Grade("invalid", None, "empty response")
-        token = parts[0]
-        if not _INT_RE.fullmatch(token):
-            return Grade("invalid", None, f"not an integer: {token[:40]!r}")
-        value = int(token)
-        extracted = str(value)
-        verdict = "correct" if value == int(str(gold_answer).strip()) else "wrong"
-        return Grade(verdict, extracted)
+    default_check = staticmethod(arithmetic_check)
 
 
 # ----------------------------------------------------------------------------------------- gsm8k
@@ -160,24 +360,27 @@ def extract_gsm8k_answer(text: str) -> Optional[Decimal]:
     return nums[-1] if nums else None
 
 
-class GSM8KGrader(Grader):
+def gsm8k_check(response: str, gold_answer: str) -> Grade:
     """GSM8K-style numeric answers. ``"$1,000.00"`` = ``"1000"``, ``"12 apples"`` = ``"12"``.
 
     Numbers are compared with ``math.isclose(rel_tol=1e-6, abs_tol=1e-6)``. The gold answer may be
     a bare number or a full GSM8K solution ending in ``#### 42``; it is extracted the same way.
     """
+    gold = extract_gsm8k_answer(gold_answer)
+    if gold is None:
+        return Grade("invalid", None, f"no number in the gold answer {str(gold_answer)[:60]!r}")
+    pred = extract_gsm8k_answer(response or "")
+    if pred is None:
+        return Grade("invalid", None, "no number in the response")
+    ok = math.isclose(float(pred), float(gold), rel_tol=1e-6, abs_tol=1e-6)
+    return Grade("correct" if ok else "wrong", _normal_number(pred))
+
+
+class GSM8KGrader(Grader):
+    """:func:`gsm8k_check` (number extraction included), run in the child process."""
 
     name = "gsm8k"
-
-    def grade_one(self, response: str, gold_answer: str) -> Grade:
-        gold = extract_gsm8k_answer(gold_answer)
-        if gold is None:
-            return Grade("invalid", None, f"no number in the gold answer {str(gold_answer)[:60]!r}")
-        pred = extract_gsm8k_answer(response or "")
-        if pred is None:
-            return Grade("invalid", None, "no number in the response")
-        ok = math.isclose(float(pred), float(gold), rel_tol=1e-6, abs_tol=1e-6)
-        return Grade("correct" if ok else "wrong", _normal_number(pred))
+    default_check = staticmethod(gsm8k_check)
 
 
 # ------------------------------------------------------------------------------------------ math
@@ -242,189 +445,51 @@ def math_verify_check(pred: str, gold: str) -> bool:
     return bool(verify(g, p, timeout_seconds=None))
 
 
-def sleepy_check_for_tests(pred: str, gold: str) -> bool:
-    """Test hook: sleeps ``float(pred)`` seconds when pred is ``"sleep:<s>"``, raises on ``"raise"``."""
+def _math_warmup() -> None:
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    math_verify_check("\\frac{1}{2}", "0.5")  # import sympy / the LaTeX parser before the first answer
+
+
+def sleepy_check_for_tests(pred: str, gold: str, check: Callable = math_verify_check) -> Any:
+    """Test hook: a check that misbehaves on demand, else ``check(pred, gold)``.
+
+    ``"sleep:<s>"`` sleeps ``s`` seconds first, ``"raise"`` raises, ``"die"`` kills its process. The
+    default wraps the math check; bind another grader's check with
+    ``functools.partial(sleepy_check_for_tests, check=arithmetic_check)``.
+    """
     if pred.startswith("sleep:"):
         time.sleep(float(pred.split(":", 1)[1]))
-        return True
-    if pred == "raise":
+    elif pred == "raise":
         raise RuntimeError("deliberate failure")
-    if pred == "die":
+    elif pred == "die":
         import os
 
         os._exit(3)
-    return math_verify_check(pred, gold)
-
-
-def _math_child(conn, check: Callable[[str, str], bool]) -> None:  # pragma: no cover - child
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    try:
-        math_verify_check("\\frac{1}{2}", "0.5")  # warm up sympy / the LaTeX parser
-    except Exception:  # noqa: BLE001
-        pass
-    conn.send(("ready", None, None))
-    while True:
-        try:
-            batch = conn.recv()
-        except (EOFError, OSError):
-            return
-        if batch is None:
-            return
-        for i, pred, gold in batch:
-            try:
-                conn.send((i, "ok", bool(check(pred, gold))))
-            except Exception as e:  # noqa: BLE001
-                conn.send((i, "error", f"{type(e).__name__}: {e}"[:500]))
+    return check(pred, gold)
 
 
 class MathGrader(Grader):
     """MATH-style answers: the last ``\\boxed{}`` compared with math_verify under a time limit.
 
-    ``check`` (a module-level function, it is sent to the child by reference) replaces the
-    equivalence test; tests use :func:`sleepy_check_for_tests` to make the limit fire.
+    The boxed answer is extracted in the parent; the child runs ``check(pred, gold) -> bool``.
     """
 
     name = "math"
+    default_check = staticmethod(math_verify_check)
+    warmup = staticmethod(_math_warmup)
 
-    def __init__(
-        self,
-        timeout_s: float = 5.0,
-        check: Callable[[str, str], bool] = math_verify_check,
-        startup_timeout_s: float = 120.0,
-        mp_context: str = "spawn",
-    ):
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.timeout_s = float(timeout_s)
-        self.check = check
-        self.startup_timeout_s = startup_timeout_s
-        self._ctx = mp.get_context(mp_context)
-        self._proc = None
-        self._conn = None
-        self._lock = threading.Lock()
-        self.restarts = 0  # children started after the first (timeouts, crashes)
+    def _prepare(self, response: str, gold_answer: str) -> Union[Grade, tuple[tuple, Optional[str]]]:
+        if gold_answer is None or not str(gold_answer).strip():
+            return Grade("invalid", None, "no gold answer")
+        box = last_boxed(response or "")
+        if box is None:
+            return Grade("invalid", None, "no \\boxed{} answer")
+        if not box:
+            return Grade("invalid", box, "empty \\boxed{}")
+        return (box, _math_gold(str(gold_answer))), box
 
-    # -------------------------------------------------------------------------------- child
-
-    def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_math_child, args=(child, self.check), daemon=True,
-                                 name="wpo-math-grader")
-        proc.start()
-        child.close()
-        if not parent.poll(self.startup_timeout_s):
-            proc.kill()
-            proc.join(5)
-            raise RuntimeError(f"math grader process did not start within {self.startup_timeout_s}s")
-        try:
-            parent.recv()
-        except EOFError:
-            proc.join(5)
-            raise RuntimeError(f"math grader process exited at start (exit code {proc.exitcode})") from None
-        if self._proc is not None:
-            self.restarts += 1
-        self._proc, self._conn = proc, parent
-
-    def _kill(self) -> None:
-        proc, conn = self._proc, self._conn
-        self._conn = None
-        if conn is not None:
-            try:
-                conn.close()
-            except OSError:
-                pass
-        if proc is not None and proc.is_alive():
-            proc.kill()
-            proc.join(5)
-
-    def __del__(self):  # best effort; the child is a daemon and dies with this process anyway
-        try:
-            self._kill()
-        except Exception:  # noqa: BLE001
-            pass
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                try:
-                    self._conn.send(None)
-                except (OSError, BrokenPipeError):
-                    pass
-            if self._proc is not None:
-                self._proc.join(1)
-            self._kill()
-            self._proc = None
-
-    # -------------------------------------------------------------------------------- grading
-
-    def grade_many(self, responses: Sequence[str], gold: Union[str, Sequence[str]]) -> list[Grade]:
-        golds = _broadcast_gold(responses, gold)
-        out: list[Optional[Grade]] = [None] * len(responses)
-        extracted: list[Optional[str]] = [None] * len(responses)
-        work = []
-        for i, (r, g) in enumerate(zip(responses, golds)):
-            try:
-                if g is None or not str(g).strip():
-                    out[i] = Grade("invalid", None, "no gold answer")
-                    continue
-                box = last_boxed(r or "")
-                if box is None:
-                    out[i] = Grade("invalid", None, "no \\boxed{} answer")
-                    continue
-                extracted[i] = box
-                if not box:
-                    out[i] = Grade("invalid", box, "empty \\boxed{}")
-                    continue
-                work.append((i, box, _math_gold(str(g))))
-            except Exception as e:  # noqa: BLE001
-                out[i] = _error_grade(e)
-        if work:
-            with self._lock:
-                self._run(work, out, extracted)
-        return [g if g is not None else Grade("invalid", None, "not graded") for g in out]
-
-    def _run(self, work: list, out: list, extracted: list) -> None:
-        pending = work
-        while pending:
-            if self._conn is None or self._proc is None or not self._proc.is_alive():
-                self._kill()
-                try:
-                    self._start()
-                except Exception as e:  # noqa: BLE001
-                    for i, _, _ in pending:
-                        out[i] = Grade("invalid", extracted[i], f"grader error: {e}")
-                    return
-            try:
-                self._conn.send(pending)
-            except (OSError, BrokenPipeError) as e:
-                self._kill()
-                for i, _, _ in pending:
-                    out[i] = Grade("invalid", extracted[i], f"grader error: {e}")
-                return
-            rest: list = []
-            for k, (i, _, _) in enumerate(pending):
-                failure = None
-                try:
-                    if self._conn.poll(self.timeout_s):
-                        j, status, value = self._conn.recv()
-                        if j != i:  # cannot happen: the child answers in order
-                            raise RuntimeError(f"math grader answered item {j}, expected {i}")
-                        if status == "ok":
-                            out[i] = Grade("correct" if value else "wrong", extracted[i])
-                        else:
-                            out[i] = Grade("invalid", extracted[i], f"grader error: {value}")
-                        continue
-                    failure = f"timeout after {self.timeout_s:g}s"
-                except (EOFError, OSError, RuntimeError) as e:
-                    code = self._proc.exitcode if self._proc is not None else None
-                    failure = f"grader error: math grader process died ({type(e).__name__}, exit code {code})"
-                log.warning("math grader: %s on answer %r; restarting the checker", failure,
-                            (extracted[i] or "")[:80])
-                out[i] = Grade("invalid", extracted[i], failure)
-                self._kill()
-                rest = pending[k + 1 :]
-                break
-            pending = rest
+    def _finish(self, result: Any, extracted: Optional[str]) -> Grade:
+        return Grade("correct" if result else "wrong", extracted)
 
 
 # -------------------------------------------------------------------------------------- registry
@@ -437,11 +502,12 @@ GRADERS: dict[str, type[Grader]] = {
 
 
 def get_grader(name: str, timeout_s: float = 5.0, **kwargs) -> Grader:
-    """A new grader by registry name; ``timeout_s`` is the per-answer limit (GradingConfig.timeout_s)."""
+    """A new grader by registry name; ``timeout_s`` is the per-answer limit (GradingConfig.timeout_s).
+
+    ``kwargs`` go to the grader's constructor (``check=``, ``startup_timeout_s=``, ``mp_context=``).
+    """
     try:
         cls = GRADERS[name]
     except KeyError:
         raise ValueError(f"unknown grader {name!r}; known: {sorted(GRADERS)}") from None
-    if cls is MathGrader:
-        return cls(timeout_s=timeout_s, **kwargs)
-    return cls(**kwargs)
+    return cls(timeout_s=timeout_s, **kwargs)

@@ -161,7 +161,7 @@ def _read_jsonl(path: Path, cfg: DataConfig, key: str) -> _Collector:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            records.append((lineno, _BadRow("", f"invalid JSON ({e.msg} at column {e.colno}; truncated line?)")))
+            records.append((lineno, _BadRow("", f"invalid JSON at column {e.colno} ({e.msg}; truncated line?)")))
             continue
         if not isinstance(obj, dict):
             records.append((lineno, _BadRow("", f"expected a JSON object, got {_typename(obj)}")))

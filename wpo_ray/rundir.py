@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from .config import Config
+from .failpoints import failpoint
 
 MANIFEST = "manifest.json"
 
@@ -53,21 +54,27 @@ class RunDir:
             log(f"[run] --fresh: removing {self.path}")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest = self._read_manifest()
         cfg_file = self.path / "config.yaml"
         current = cfg.model_dump(mode="json")
         if cfg_file.exists():
             saved = yaml.safe_load(cfg_file.read_text()) or {}
             diffs = _diff({k: v for k, v in saved.items() if k not in _VOLATILE},
                           {k: v for k, v in current.items() if k not in _VOLATILE})
-            if diffs:
+            if diffs and self.manifest["stages"]:
                 raise RunDirError(
                     f"run directory {self.path} was made with a different config:\n  "
                     + "\n  ".join(diffs)
                     + "\nUse the same config to resume, --fresh to start over, or another run.dir."
                 )
+            if diffs:
+                # No stage was ever recorded (e.g. the first attempt stopped on bad input), so no
+                # output depends on the old config: adopt the new one instead of refusing it.
+                log(f"[run] {self.path}: no stage completed yet; replacing its config.yaml with the new "
+                    "config:\n  " + "\n  ".join(diffs))
+                atomic_write_text(cfg_file, cfg.to_yaml())
         else:
             atomic_write_text(cfg_file, cfg.to_yaml())
-        self.manifest = self._read_manifest()
         # Leftovers of a stage that died mid-write are never mistaken for output.
         for tmp in self.path.glob("round-*/*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -109,6 +116,8 @@ class RunDir:
 
     @staticmethod
     def commit(tmp: Path, final: Path) -> None:
+        failpoint(f"driver.{final.name}.written")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        failpoint(f"driver.{final.name}.committed")

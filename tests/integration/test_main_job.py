@@ -48,34 +48,52 @@ def _wait_for(pred, timeout: float, proc=None, what: str = ""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_driver_killed_after_sampling_resumes_without_resampling(tiny_policy, tiny_cfg_factory, vllm_pool, tmp_path):
+def test_driver_killed_after_sampling_and_mid_training_resumes(tiny_policy, tiny_cfg_factory, vllm_pool, tmp_path):
+    """The driver is SIGKILLed twice: once the sampling half is recorded, then in the middle of
+    training (a worker held at micro-batch 3, right after the step-2 checkpoint). The third run
+    resumes training from that checkpoint, never resamples, and finishes the round."""
     from jobs.sample import run_sampling
+    from wpo_ray.failpoints import ENV, arm, fired
     from wpo_ray.rundir import RunDir
 
     # Relative run.dir and cache paths, as users write them: actors and train workers run in other
     # working directories, so the job must hand them absolute paths.
     cache = os.path.relpath(Path(tiny_policy).parent, tmp_path)
     run_dir = tmp_path / "run"
-    cmd = [str(BIN / "wpo-ray"), "run", str(ROOT / "configs" / "tiny-cpu.yaml"), *ONE_ROUND,
+    train_over = ["train.micro_batch_size=1", "train.checkpoint_every=2"]  # enough steps to die between
+    cmd = [str(BIN / "wpo-ray"), "run", str(ROOT / "configs" / "tiny-cpu.yaml"), *ONE_ROUND, *train_over,
            "run.dir=run", f"bootstrap.cache_dir={cache}"]
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        _wait_for(lambda: "round-001/pairs" in _manifest(run_dir), 900, proc, "the sampling half to finish")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies between sampling and training
-        proc.wait()
+    env = _env()
+    env[ENV] = str(tmp_path / "failpoints")
+    (tmp_path / "failpoints").mkdir()
+
+    def run_until(pred, what: str, log_name: str) -> None:
+        log = (tmp_path / log_name).open("w")
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            _wait_for(pred, 900, proc, what)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver dies, with everything it started
+            proc.wait()
+
+    run_until(lambda: "round-001/pairs" in _manifest(run_dir), "the sampling half to finish", "first.log")
     stages = _manifest(run_dir)
     assert "round-001/train" not in stages
     samples = run_dir / "round-001" / "samples"
     stamps = {p.name: p.stat().st_mtime_ns for p in samples.glob("*.parquet")}
     assert stamps
 
-    second = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    out = second.stdout + second.stderr
-    assert "samples already done" in out or "round-001/samples" in stages
+    arm(tmp_path / "failpoints", "train.micro_step", hit=3, action="hang")
+    snapshot = run_dir / "round-001" / "train" / "ray_train" / "checkpoint_manager_snapshot.json"
+    run_until(lambda: fired(tmp_path / "failpoints", "train.micro_step") and snapshot.exists()
+              and "checkpoint-000002" in snapshot.read_text(), "the step-2 checkpoint", "second.log")
+    assert "round-001/train" not in _manifest(run_dir)
+
+    third = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    out = third.stdout + third.stderr
+    assert "resumed from checkpoint at optimizer step 2" in out
     # Sampling was not repeated: same files, same manifest entry.
     assert {p.name: p.stat().st_mtime_ns for p in samples.glob("*.parquet")} == stamps
     after = _manifest(run_dir)
@@ -86,13 +104,13 @@ def test_driver_killed_after_sampling_resumes_without_resampling(tiny_policy, ti
     assert "greedy" in out and "report:" in out  # the accuracy table and the report path are printed
 
     # The pairs equal those of an uninterrupted sampling run with the same config.
-    cfg = tiny_cfg_factory("run.rounds=1", run_dir=tmp_path / "uninterrupted")
+    cfg = tiny_cfg_factory("run.rounds=1", *train_over, run_dir=tmp_path / "uninterrupted")
     run_sampling(cfg, RunDir(cfg), 1, tiny_policy, pool=vllm_pool)
     assert pq.read_table(run_dir / "round-001" / "pairs").equals(
         pq.read_table(tmp_path / "uninterrupted" / "round-001" / "pairs"))
 
     # A rerun of a finished run does nothing and says so quickly; a changed config is refused.
-    again = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and _manifest(run_dir) == after
     changed = subprocess.run(cmd + ["train.loss.beta=0.5"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                              timeout=120)

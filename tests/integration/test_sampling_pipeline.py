@@ -94,3 +94,69 @@ def test_rerun_does_not_resample(tiny_cfg_factory, tiny_policy, vllm_pool, tmp_p
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "r" / "round-001" / "samples").glob("*.parquet")}
     _run(cfg, vllm_pool)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r" / "round-001" / "samples").glob("*.parquet")} == stamp
+
+
+def test_sampler_engine_killed_mid_round_round_completes_exactly_once(tiny_cfg_factory, tiny_policy, ray_session,
+                                                                    failpoints, tmp_path):
+    """An engine process is SIGKILLed in the middle of a batch: the batch goes to the other engine,
+    Ray restarts the dead one, and the round's pairs equal those of an uninterrupted run."""
+    from actors.sampler import SamplerPool
+    from wpo_ray.failpoints import arm, fired
+
+    over = ("sampling.backend=transformers", "sampling.num_actors=2", "sampling.batch_size=8")
+    cfg = tiny_cfg_factory(*over, run_dir=tmp_path / "killed")
+    object.__setattr__(cfg, "_policy", tiny_policy)
+    pool = SamplerPool(cfg, tiny_policy)
+    try:
+        arm(failpoints, "sampler.sample", hit=2)  # the first engine to reach its 2nd batch dies in it
+        run, info = _run(cfg, pool)
+        assert fired(failpoints, "sampler.sample"), "the failpoint never fired: nothing was tested"
+        pairs = _check_round(run, cfg, info)  # contracts, and every prompt is exactly one pair or skip
+        # Both engines answer again: the dead one was restarted by Ray.
+        assert ray_session.get([e.ready.remote() for e in pool.engines], timeout=300) == [True, True]
+        clean = tiny_cfg_factory(*over, run_dir=tmp_path / "clean")
+        object.__setattr__(clean, "_policy", tiny_policy)
+        _run(clean, pool)
+    finally:
+        pool.shutdown()
+    assert pairs.equals(pq.read_table(tmp_path / "clean" / "round-001" / "pairs"))
+
+
+def _stage_state(run_dir, stage):
+    files = sorted((run_dir / "round-001" / stage).glob("*.parquet"))
+    return {f.name: f.stat().st_mtime_ns for f in files}
+
+
+def test_driver_interrupted_at_every_stage_boundary_resumes_without_redoing(tiny_cfg_factory, tiny_policy, vllm_pool,
+                                                                           failpoints, tmp_path):
+    """Ctrl-C in the driver after each stage's output is written (not yet renamed) and after it is
+    renamed (not yet recorded): the rerun redoes only that stage, never a recorded one, takes no
+    leftover for output, and ends with the pairs of an uninterrupted run."""
+    import json
+
+    from wpo_ray.failpoints import arm, fired
+
+    cfg = tiny_cfg_factory(run_dir=tmp_path / "r")
+    object.__setattr__(cfg, "_policy", tiny_policy)
+    manifest = lambda: json.loads((tmp_path / "r" / "manifest.json").read_text())["stages"]  # noqa: E731
+    recorded: dict = {}
+    for stage in ("prompts", "samples", "graded", "pairs", "skips"):
+        for moment in ("written", "committed"):
+            arm(failpoints, f"driver.{stage}.{moment}", action="interrupt")
+            with pytest.raises(KeyboardInterrupt):
+                _run(cfg, vllm_pool)
+            assert fired(failpoints, f"driver.{stage}.{moment}")
+            done = manifest() if (tmp_path / "r" / "manifest.json").exists() else {}
+            assert "round-001/pairs" not in done  # pairs and skips are recorded together, last
+            for key, (entry, files) in recorded.items():  # nothing recorded was redone
+                assert done[key] == entry and _stage_state(tmp_path / "r", key.split("/")[1]) == files
+            for key in done.keys() - recorded.keys():
+                recorded[key] = (done[key], _stage_state(tmp_path / "r", key.split("/")[1]))
+    assert set(recorded) == {f"round-001/{s}" for s in ("prompts", "samples", "graded")}
+    run, info = _run(cfg, vllm_pool)
+    assert not list((tmp_path / "r" / "round-001").glob("*.tmp"))
+    pairs = _check_round(run, cfg, info)
+    clean = tiny_cfg_factory(run_dir=tmp_path / "clean")
+    object.__setattr__(clean, "_policy", tiny_policy)
+    _run(clean, vllm_pool)
+    assert pairs.equals(pq.read_table(tmp_path / "clean" / "round-001" / "pairs"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,50 @@ def test_zero2_loss_goes_down_and_starts_at_ln2(zero2_run):
     assert all(x["tokens_per_s"] > 0 for x in m)
     assert (out / "checkpoint" / "deepspeed").is_dir()
     assert list((out / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events written"
+
+
+def _ledger(ckpt):
+    from actors.train_worker import ledger_file
+
+    return [json.loads((ckpt / ledger_file(r)).read_text()) for r in range(2)]
+
+
+def _weights(policy_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(policy_dir) / "model.safetensors"))
+
+
+def test_worker_killed_mid_training_resumes_exactly_once(zero2_run, tiny_cfg_factory, tiny_policy, arithmetic_pairs,
+                                                         failpoints, tmp_path):
+    """A training worker is SIGKILLed at micro-batch 9 of 18; Ray Train restores the step-8 checkpoint.
+
+    Exactly-once: the run ends with the same 18 steps, the same pairs applied by each rank, in
+    the same order, and the same weights as the uninterrupted run (zero2_run, same config).
+    """
+    from jobs.train import run_training
+    from wpo_ray.failpoints import arm, fired
+
+    _, out0, _ = zero2_run
+    cfg = tiny_cfg_factory("train.epochs=3", "train.deepspeed.zero_stage=2", "train.lr=0.002", "train.loss.base=dpo",
+                           "train.checkpoint_every=4")
+    arm(failpoints, "train.micro_step", hit=9)  # the first rank to reach micro-batch 9 dies before applying it
+    info = run_training(cfg, arithmetic_pairs, tmp_path / "checkpoint", tiny_policy, tiny_policy, tmp_path)
+    assert fired(failpoints, "train.micro_step"), "the failpoint never fired: nothing was tested"
+    m = _metrics(tmp_path / "metrics.jsonl")
+    assert info["steps"] == 18 and [x["step"] for x in m] == list(range(1, 19))
+    ledger, ledger0 = _ledger(tmp_path / "checkpoint"), _ledger(out0 / "checkpoint")
+    assert [len(x) for x in ledger] == [72, 72]  # 18 steps x 4 pairs per rank
+    ids = sorted(i for x in ledger for i in x)
+    assert ids == sorted(i for i in {*ids} for _ in range(3))  # every pair exactly once per epoch
+    assert ledger == ledger0
+    # The restored optimizer, scheduler and data position give the uninterrupted run's weights.
+    w, w0, start = (_weights(d) for d in (tmp_path / "checkpoint" / "policy", out0 / "checkpoint" / "policy", tiny_policy))
+    assert w.keys() == w0.keys()
+    diff = max((w[k] - w0[k]).abs().max().item() for k in w)
+    moved = max((w0[k] - start[k]).abs().max().item() for k in w)
+    assert moved > 1e-3 and diff <= 1e-6 * moved, (diff, moved)
+    assert [x["loss"] for x in m] == pytest.approx([x["loss"] for x in _metrics(out0 / "metrics.jsonl")], rel=1e-6)
 
 
 def test_checkpoint_loads_in_transformers_and_vllm(zero2_run, vllm_pool, tiny_policy, tiny_cfg_factory):
@@ -101,3 +146,24 @@ def test_zero3_on_trl_format_pairs_with_reference_on_worker(ray_session, tiny_cf
     assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert checkpoint_has_policy(tmp_path / "checkpoint")
     assert {x["weight/mean"] for x in m} == {1.0}  # TRL data without a weight column trains uniformly
+
+
+def test_nan_weight_is_refused_before_any_worker_starts(ray_session, tiny_cfg_factory, tiny_policy, arithmetic_pairs,
+                                                        tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.train import run_training
+    from wpo_ray.contracts import ContractError
+
+    table = pq.read_table(arithmetic_pairs)
+    bad_id = table.column("prompt_id")[30].as_py()
+    weights = table.column("weight").to_pylist()
+    weights[30] = float("nan")
+    (tmp_path / "pairs").mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("weight"), "weight", pa.array(weights, pa.float64())),
+                   tmp_path / "pairs" / "pairs.parquet")
+    with pytest.raises(ContractError, match=f"pair '{bad_id}' has weight = nan"):
+        run_training(tiny_cfg_factory(), tmp_path / "pairs", tmp_path / "out" / "checkpoint", tiny_policy, tiny_policy,
+                     tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoint").exists() and not (tmp_path / "out" / "ray_train").exists()

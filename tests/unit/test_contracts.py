@@ -91,3 +91,30 @@ def test_trl_format_needs_only_prompt_chosen_rejected_and_keeps_extras():
     assert out.column_names == ["prompt", "chosen", "rejected", "score"]
     with pytest.raises(ContractError, match="missing column 'rejected'"):
         validate(pa.table({"prompt": ["q"], "chosen": ["a"]}), "trl", source="prefs.jsonl")
+
+
+def test_check_trainable_refuses_non_finite_or_negative_values_naming_the_pair():
+    import math
+
+    from wpo_ray.contracts import check_trainable
+
+    def batch(**cols):
+        base = {"prompt_id": ["a", "b", "c"], "weight": [1.0, 0.5, 2.0],
+                "ref_chosen_logp": [-1.0, -2.0, -3.0], "ref_rejected_logp": [-1.5, -2.5, -3.5]}
+        base.update(cols)
+        return pa.table(base)
+
+    ok = batch()
+    assert check_trainable(ok) is ok
+    cases = [
+        (dict(weight=[1.0, math.nan, 2.0]), "pair 'b' has weight = nan"),
+        (dict(weight=[1.0, 1.0, -0.5]), "pair 'c' has weight = -0.5, expected a finite number >= 0"),
+        (dict(weight=[math.inf, 1.0, math.inf]), r"pair 'a' has weight = inf.*\(2 such value"),
+        (dict(ref_chosen_logp=[-1.0, -math.inf, -3.0]), "pair 'b' has ref_chosen_logp = -inf"),
+        (dict(ref_rejected_logp=[None, -1.0, -1.0]), "pair 'a' has ref_rejected_logp = None"),
+    ]
+    for cols, message in cases:
+        with pytest.raises(ContractError, match=message):
+            check_trainable(batch(**cols), source="round-001/pairs")
+    # Without reference columns (reference on the workers, or reference-free losses) only weights are checked.
+    assert check_trainable(pa.table({"prompt_id": ["a"], "weight": [0.0]})).num_rows == 1

@@ -1,19 +1,25 @@
-"""Graders on hand-written tricky cases, and the math grader's time limit."""
+"""Graders on hand-written tricky cases, and every grader's time limit and crash recovery."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 
+import pyarrow as pa
 import pytest
 
+from actors.grader import GraderActor
+from wpo_ray import contracts
 from wpo_ray.graders import (
     GRADERS,
     Grade,
     MathGrader,
+    arithmetic_check,
     extract_gsm8k_answer,
     get_grader,
+    gsm8k_check,
     last_boxed,
     sleepy_check_for_tests,
 )
@@ -23,8 +29,9 @@ def test_registry():
     assert set(GRADERS) == {"arithmetic", "gsm8k", "math"}
     assert get_grader("arithmetic").name == "arithmetic"
     assert get_grader("gsm8k").name == "gsm8k"
-    g = get_grader("math", timeout_s=1.5)
-    assert isinstance(g, MathGrader) and g.timeout_s == 1.5
+    assert isinstance(get_grader("math"), MathGrader)
+    for name in GRADERS:  # every grader gets the per-answer limit (grading.timeout_s)
+        assert get_grader(name, timeout_s=1.5).timeout_s == 1.5
     with pytest.raises(ValueError, match="unknown grader 'mmlu'"):
         get_grader("mmlu")
 
@@ -34,6 +41,21 @@ def test_grade_is_frozen():
     assert g.note is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         g.verdict = "wrong"
+
+
+# Each grader starts its child process on first use: share one per module for the plain cases.
+@pytest.fixture(scope="module")
+def arithmetic_grader():
+    g = get_grader("arithmetic")
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="module")
+def gsm8k_grader():
+    g = get_grader("gsm8k")
+    yield g
+    g.close()
 
 
 # ------------------------------------------------------------------------------------ arithmetic
@@ -59,15 +81,15 @@ def test_grade_is_frozen():
         ("=4", "4", "invalid", None),
     ],
 )
-def test_arithmetic_grader(response, gold, verdict, extracted):
-    g = get_grader("arithmetic")(response, gold)
+def test_arithmetic_grader(arithmetic_grader, response, gold, verdict, extracted):
+    g = arithmetic_grader(response, gold)
     assert (g.verdict, g.extracted) == (verdict, extracted)
     if verdict == "invalid":
         assert g.note
 
 
-def test_arithmetic_grade_many_broadcast_and_list():
-    g = get_grader("arithmetic")
+def test_arithmetic_grade_many_broadcast_and_list(arithmetic_grader):
+    g = arithmetic_grader
     assert [x.verdict for x in g.grade_many(["8", "9", "x"], "8")] == ["correct", "wrong", "invalid"]
     assert [x.verdict for x in g.grade_many(["8", "9"], ["8", "9"])] == ["correct", "correct"]
     with pytest.raises(ValueError, match="2 responses but 3 gold"):
@@ -100,8 +122,8 @@ def test_arithmetic_grade_many_broadcast_and_list():
         ("#### 72", "He sold 48 + 24 = 72 in all.\n#### 72", "correct", "72"),
     ],
 )
-def test_gsm8k_grader(response, gold, verdict, extracted):
-    g = get_grader("gsm8k")(response, gold)
+def test_gsm8k_grader(gsm8k_grader, response, gold, verdict, extracted):
+    g = gsm8k_grader(response, gold)
     assert (g.verdict, g.extracted) == (verdict, extracted), g
 
 
@@ -111,13 +133,13 @@ def test_gsm8k_extract():
     assert extract_gsm8k_answer("#### none") is None  # "####" without a number: no fallback to earlier text
 
 
-def test_gsm8k_gold_without_number_is_invalid():
-    g = get_grader("gsm8k")("12", "twelve")
+def test_gsm8k_gold_without_number_is_invalid(gsm8k_grader):
+    g = gsm8k_grader("12", "twelve")
     assert g.verdict == "invalid" and "gold" in g.note
 
 
-def test_one_bad_answer_never_fails_the_batch():
-    g = get_grader("gsm8k")
+def test_one_bad_answer_never_fails_the_batch(gsm8k_grader):
+    g = gsm8k_grader
     out = g.grade_many(["#### 4", 1234, "#### 5"], "4")  # 1234 is not a string: the grader errs
     assert [x.verdict for x in out] == ["correct", "invalid", "wrong"]
     assert out[1].note.startswith("grader error: ")
@@ -209,3 +231,61 @@ def test_math_timeout_kills_and_recovers():
         assert g("\\boxed{\\frac{4}{2}}", "2").verdict == "correct"
     finally:
         g.close()
+
+
+# ------------------------------------------------------------------- hangs and crashes, any grader
+
+
+def _misbehaving(name: str, check, timeout_s: float = 0.5) -> dict:
+    """get_grader kwargs for a grader whose check sleeps on "sleep:<s>", raises, or dies on "die"."""
+    return dict(timeout_s=timeout_s, check=functools.partial(sleepy_check_for_tests, check=check))
+
+
+@pytest.mark.parametrize(
+    "name, check, responses",
+    [
+        ("arithmetic", arithmetic_check, ["8", "sleep:60", "9", "raise", "die", "008"]),
+        ("gsm8k", gsm8k_check, ["#### 8", "sleep:60", "It is 9.", "raise", "die", "$8.00"]),
+    ],
+    ids=["arithmetic", "gsm8k"],
+)
+def test_hang_or_crash_on_one_answer_is_invalid_and_the_batch_goes_on(name, check, responses):
+    g = get_grader(name, **_misbehaving(name, check))
+    try:
+        out = g.grade_many(responses, "8")
+        assert [x.verdict for x in out] == ["correct", "invalid", "wrong", "invalid", "invalid", "correct"], out
+        assert [x.extracted for x in out] == ["8", None, "9", None, None, "8"]
+        assert out[1] == Grade("invalid", None, "timeout after 0.5s")
+        assert out[3].note == "grader error: RuntimeError: deliberate failure"
+        assert out[4].note.startswith(f"grader error: {name} grader process died"), out[4].note
+        assert "exit code 3" in out[4].note
+        assert g.restarts == 2  # after the timeout and after the crash
+        assert g("8", "8").verdict == "correct"  # the same grader goes on grading
+    finally:
+        g.close()
+
+
+def test_grader_actor_puts_a_timeout_note_into_grade_notes():
+    # GraderActor is the Ray Data stage callable; it is a plain class, so no Ray is needed here.
+    samples = pa.Table.from_pylist(
+        [
+            dict(prompt_id="p1", round=1, prompt="3+5=", gold_answer="8", gold_solution=None,
+                 responses=["8", "sleep:60", "9"], response_logps=[-1.0, -2.0, -3.0], response_lengths=[1, 1, 1]),
+            dict(prompt_id="p2", round=1, prompt="2+3=", gold_answer="5", gold_solution=None,
+                 responses=["5", "x"], response_logps=[-1.0, -2.0], response_lengths=[1, 1]),
+        ],
+        schema=contracts.SAMPLES,
+    )
+    actor = GraderActor("arithmetic", **_misbehaving("arithmetic", arithmetic_check))
+    try:
+        graded = actor(samples)
+    finally:
+        actor.grader.close()
+    assert graded.column_names == contracts.GRADED.names
+    assert graded.select(contracts.SAMPLES.names).to_pylist() == samples.to_pylist()  # passed through
+    assert graded.column("verdicts").to_pylist() == [["correct", "invalid", "wrong"], ["correct", "invalid"]]
+    assert graded.column("extracted").to_pylist() == [["8", None, "9"], ["5", None]]
+    assert graded.column("grade_notes").to_pylist() == [
+        [None, "timeout after 0.5s", None],
+        [None, "not an integer: 'x'"],
+    ]

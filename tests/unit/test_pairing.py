@@ -476,3 +476,13 @@ def test_determinism():
     b_pairs, b_skips = build_pairs(small_table(), 0, DIFF)
     assert a_pairs.equals(b_pairs) and a_skips.equals(b_skips)
     assert pairs_and_skips_batch(graded, 0, DIFF).equals(pairs_and_skips_batch(small_table(), 0, DIFF))
+
+
+def test_accounting_refuses_a_lost_or_duplicated_prompt():
+    from jobs.sample import AccountingError, check_accounting
+
+    check_accounting(1, 10, 7, 3)  # every prompt became one pair or one skip
+    with pytest.raises(AccountingError, match="round 2: 10 prompts in but 6 pairs \\+ 3 skips out"):
+        check_accounting(2, 10, 6, 3)  # one lost
+    with pytest.raises(AccountingError, match="11 prompts in but 9 pairs \\+ 3 skips"):
+        check_accounting(1, 11, 9, 3)  # one duplicated

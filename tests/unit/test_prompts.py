@@ -282,6 +282,25 @@ def test_parquet_null_question_row(tmp_path):
     assert skips.column("prompt_id").to_pylist() == ["nulls-1"]
 
 
+def test_parquet_duplicate_ids(tmp_path):
+    f = tmp_path / "dups.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "a"], "question": ["a?", "b?", "c?"], "answer": ["1", "2", "3"]}), f)
+    with pytest.raises(PromptDataError) as e:
+        load_prompts(parquet_cfg(f), "train")
+    assert_names(str(e.value), f, "row 3", "id")
+    assert "duplicate id 'a' (first at row 1)" in str(e.value)
+    prompts, skips = load_prompts(parquet_cfg(f, on_bad_row="skip"), "train")
+    assert prompts.column("prompt_id").to_pylist() == ["a", "b"]
+    assert prompts.column("prompt").to_pylist()[0] == "a?"  # the first 'a' is kept
+    (skip,) = skips.to_pylist()
+    assert skip["prompt_id"] == "dups-2" and "duplicate id 'a' (first at row 1)" in skip["detail"]
+    # Integer ids that collide once read as strings are duplicates too.
+    g = tmp_path / "intdups.parquet"
+    pq.write_table(pa.table({"id": [7, 7], "question": ["a?", "b?"], "answer": ["1", "2"]}), g)
+    with pytest.raises(PromptDataError, match="duplicate id '7' \\(first at row 1\\)"):
+        load_prompts(parquet_cfg(g), "train")
+
+
 def test_parquet_unreadable_and_empty(tmp_path):
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"this is not parquet")

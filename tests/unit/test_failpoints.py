@@ -1,0 +1,67 @@
+"""Failpoints fire once, in one process, on the configured hit, and are inert when not armed."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+
+import pytest
+
+from wpo_ray import failpoints
+from wpo_ray.failpoints import arm, failpoint, fired
+
+
+@pytest.fixture
+def fp_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(failpoints.ENV, str(tmp_path))
+    monkeypatch.setattr(failpoints, "_hits", {})
+    return tmp_path
+
+
+def test_inert_without_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv(failpoints.ENV, raising=False)
+    arm(tmp_path, "x.y", hit=1, action="interrupt")
+    failpoint("x.y")  # no directory configured: nothing happens
+    assert not fired(tmp_path, "x.y")
+
+
+def test_fires_on_the_configured_hit_and_only_once(fp_dir):
+    arm(fp_dir, "stage.done", hit=3, action="interrupt")
+    failpoint("other")  # another name is not affected
+    failpoint("stage.done")
+    failpoint("stage.done")
+    assert not fired(fp_dir, "stage.done")
+    with pytest.raises(KeyboardInterrupt, match="stage.done"):
+        failpoint("stage.done")
+    assert fired(fp_dir, "stage.done") and not (fp_dir / "stage.done").exists()
+    for _ in range(5):
+        failpoint("stage.done")  # claimed: never again
+
+
+def _reach(name: str, q) -> None:
+    failpoint(name)
+    q.put("survived")
+
+
+def test_kill_is_a_sigkill_of_the_process_that_claims_it(fp_dir):
+    arm(fp_dir, "worker.step", hit=1)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    first = ctx.Process(target=_reach, args=("worker.step", q))
+    first.start()
+    first.join(60)
+    assert first.exitcode == -signal.SIGKILL and q.empty()
+    second = ctx.Process(target=_reach, args=("worker.step", q))  # a restarted process passes
+    second.start()
+    second.join(60)
+    assert second.exitcode == 0 and q.get(timeout=10) == "survived"
+    assert fired(fp_dir, "worker.step")
+
+
+def test_bad_arming_is_refused(tmp_path):
+    with pytest.raises(ValueError):
+        arm(tmp_path, "a", hit=0)
+    with pytest.raises(ValueError):
+        arm(tmp_path, "a", action="explode")
+    assert not os.listdir(tmp_path)

@@ -1,0 +1,70 @@
+"""Failpoints: named places where a test makes this process die, to prove recovery on the real stack.
+
+Off unless the environment variable ``WPO_FAILPOINTS_DIR`` names a directory; then the cost of a
+failpoint is one ``stat``. Tests set it before Ray starts, so every Ray worker inherits it. A test
+arms a failpoint by writing the file ``<dir>/<name>`` with ``"<hit> [kill|interrupt]"``: the
+process that reaches the failpoint for the ``hit``-th time claims it by renaming the file (so it
+fires once, in one process, across all processes) and then
+
+- ``kill`` (default): sends itself SIGKILL, as the OOM killer or a preempted node would: no
+  cleanup, no ``finally``;
+- ``interrupt``: raises ``KeyboardInterrupt``, as Ctrl-C would, for a driver running inside pytest;
+- ``hang``: sleeps for an hour, so that a test can kill something else at a known point (the
+  driver, while a training worker hangs right after a checkpoint).
+
+Places (grep ``failpoint(`` for the full list): ``sampler.sample`` (an engine, per batch),
+``train.micro_step`` (a training worker, before each micro-batch), ``driver.<stage>.written``
+(output written, not yet renamed into place), ``driver.<stage>.committed`` (renamed, not yet in
+the manifest).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+ENV = "WPO_FAILPOINTS_DIR"
+ACTIONS = ("kill", "interrupt", "hang")
+_hits: dict[str, int] = {}
+
+
+def arm(directory: str | Path, name: str, hit: int = 1, action: str = "kill") -> Path:
+    """Arm `name` to fire on the `hit`-th time a process reaches it (a test helper)."""
+    if action not in ACTIONS or hit < 1:
+        raise ValueError(f"failpoint {name}: bad hit {hit} or action {action!r}")
+    path = Path(directory) / name
+    path.write_text(f"{hit} {action}\n")
+    return path
+
+
+def fired(directory: str | Path, name: str) -> bool:
+    return (Path(directory) / f"{name}.fired").exists()
+
+
+def failpoint(name: str) -> None:
+    directory = os.environ.get(ENV)
+    if not directory:
+        return
+    armed = Path(directory) / name
+    if not armed.exists():
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    try:
+        hit, _, action = armed.read_text().strip().partition(" ")
+    except FileNotFoundError:  # another process claimed it
+        return
+    if _hits[name] != int(hit):
+        return
+    try:
+        os.rename(armed, armed.with_name(f"{name}.fired"))  # atomic: exactly one process wins
+    except FileNotFoundError:
+        return
+    print(f"[failpoint] {name}: firing ({action or 'kill'}) in pid {os.getpid()}", flush=True)
+    if action == "interrupt":
+        raise KeyboardInterrupt(f"failpoint {name}")
+    if action == "hang":
+        time.sleep(3600)
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
