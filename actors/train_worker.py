@@ -211,7 +211,7 @@ def train_loop_per_worker(config: dict) -> None:
             m["tokens_per_s"] = tokens / max(dt, 1e-9)
             m = _mean_across_ranks(m)
             m["tokens_per_s"] *= world
-            m.update(step=step, epoch=epoch, lr=engine.get_lr()[0], step_seconds=dt)
+            m.update(step=step, epoch=epoch, lr=engine.get_lr()[0], step_seconds=dt, time=time.time())
             accum, tokens, t_step = [], 0, time.time()
             if rank == 0:
                 metrics_lines.append(json.dumps(m))

@@ -24,7 +24,7 @@ import argparse
 import copy
 import time
 
-from _common import arithmetic_pairs, build_model, header, median, n_params
+from _common import build_model, header, median, n_params, reference_batches
 
 
 def main() -> int:
@@ -43,7 +43,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from wpo_ray.batching import collate, encode_pairs, sequence_logps, split_pair_logps
+    from wpo_ray.batching import sequence_logps, split_pair_logps
     from wpo_ray.config import LossConfig
     from wpo_ray.losses import preference_loss
 
@@ -58,18 +58,7 @@ def main() -> int:
 
     # Pre-collated batches (tokenising is not part of what is compared) and fixed reference log-probs.
     n_batches = 16
-    pairs = arithmetic_pairs(n_batches * args.batch, seed=args.seed)
-    batches = []
-    with torch.no_grad():
-        for i in range(n_batches):
-            part = pairs[i * args.batch : (i + 1) * args.batch]
-            enc = encode_pairs(tok, [p["prompt"] for p in part], [p["chosen"] for p in part],
-                               [p["rejected"] for p in part], 64)
-            coll = collate(enc, tok.pad_token_id)
-            logps, lengths = sequence_logps(base, coll)
-            rc, rr, _, _ = split_pair_logps(logps, lengths)
-            batches.append(dict(coll=coll, rc=rc.double(), rr=rr.double(),
-                                w=torch.tensor([p["weight"] for p in part], dtype=torch.float64)))
+    batches = reference_batches(base, tok, n_batches, args.batch, seed=args.seed)
 
     cfgs = {"margin": LossConfig(base="dpo", beta=args.beta, weight_placement="margin"),
             "loss": LossConfig(base="dpo", beta=args.beta, weight_placement="loss")}

@@ -55,6 +55,7 @@ def accuracy_table(cfg: Config, run: RunDir) -> str:
 def run_rounds(cfg: Config, fresh: bool = False, log=print) -> int:
     from actors.sampler import SamplerPool
     from jobs.sample import run_sampling
+    from jobs.stream import run_round_streaming
     from jobs.train import run_training
     from wpo_ray.bootstrap import check_policy_dir, resolve_policy
     from wpo_ray.cluster import init_ray
@@ -80,10 +81,13 @@ def run_rounds(cfg: Config, fresh: bool = False, log=print) -> int:
         rd = run.round_dir(r)
         ckpt = rd / "checkpoint"
         if not run.done(r, "train"):
-            if not run.done(r, "pairs"):
-                run_sampling(cfg, run, r, policy, pool=samplers(policy), log=log)
             reference = initial if cfg.run.reference == "initial" else policy
-            info = run_training(cfg, rd / "pairs", ckpt, policy, reference, rd / "train", log=log)
+            if cfg.run.overlap == "streaming" and not run.done(r, "pairs"):
+                info = run_round_streaming(cfg, run, r, policy, reference, samplers(policy), log=log)
+            else:  # staged, or a streamed round whose pairs were recorded before training was
+                if not run.done(r, "pairs"):
+                    run_sampling(cfg, run, r, policy, pool=samplers(policy), log=log)
+                info = run_training(cfg, rd / "pairs", ckpt, policy, reference, rd / "train", log=log)
             run.mark_done(r, "train", **info)
         else:
             log(f"[round {r}] training already done ({ckpt})")

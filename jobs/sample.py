@@ -64,6 +64,59 @@ def stage_prompts(cfg: Config, run: RunDir, r: int, tokenizer=None, log=print) -
     return info
 
 
+def commit_pairs(run: RunDir, r: int, pairs, skips, t0: float) -> None:
+    """Write the round's pairs and skips (Ray datasets) sorted by prompt_id, so the files do not
+    depend on the order actors finished in; check that every prompt became one of them; record."""
+    rd = run.round_dir(r)
+    n_pairs = _write(pairs.sort("prompt_id"), run, r, "pairs", contracts.PAIRS)
+    final, tmp = run.stage_output(r, "skips")
+    skips.sort("prompt_id").write_parquet(str(tmp))
+    tmp.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pq.read_table(rd / "prompts" / "bad_rows.parquet"), tmp / "bad_rows.parquet")
+    RunDir.commit(tmp, final)
+    n_skips = count_rows(final)
+    prompts = run.done(r, "prompts")
+    n_in = prompts["rows"] + prompts["bad_rows"]
+    check_accounting(r, n_in, n_pairs, n_skips)
+    reasons = pq.read_table(final, columns=["reason"]).column("reason").value_counts().to_pylist()
+    run.mark_done(r, "pairs", pairs=n_pairs, skips=n_skips, prompts=n_in,
+                  skip_reasons={d["values"]: d["counts"] for d in reasons}, seconds=round(time.time() - t0, 1))
+
+
+def sample_stage(ds, cfg: Config, pool, r: int, policy_path: str):
+    """prompts → samples through the pool's engines. The stage's actors are thin proxies (no CPU
+    reserved); the engines hold the resources."""
+    from actors.sampler import SampleBatch
+
+    s = cfg.sampling
+    return ds.map_batches(
+        SampleBatch, fn_constructor_kwargs=dict(engines=pool.engines, round_idx=r, run_seed=cfg.run.seed,
+                                             policy=policy_path, failover_timeout_s=s.failover_timeout_s),
+        batch_size=s.batch_size, batch_format="pyarrow", concurrency=s.num_actors, num_cpus=0)
+
+
+def grade_stage(ds, cfg: Config):
+    """samples → graded on the GraderActor pool."""
+    from actors.grader import GraderActor
+
+    g = cfg.grading
+    return ds.map_batches(GraderActor, fn_constructor_kwargs=dict(grader=g.grader, timeout_s=g.timeout_s),
+                          batch_size=cfg.sampling.batch_size, batch_format="pyarrow", concurrency=g.num_actors,
+                          num_cpus=1)
+
+
+def ensure_prompts(cfg: Config, run: RunDir, r: int, policy_path: str, log=print) -> int:
+    """The round's `prompts` stage (done once); returns the number of good prompt rows."""
+    if not run.done(r, "prompts"):
+        tokenizer = None
+        if cfg.data.chat_template:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
+        run.mark_done(r, "prompts", **stage_prompts(cfg, run, r, tokenizer, log))
+    return run.done(r, "prompts")["rows"]
+
+
 def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, log=print) -> dict:
     """Run (or resume) the sampling half of round r with the policy at `policy_path`.
 
@@ -72,22 +125,14 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
     """
     import ray.data
 
-    from actors.grader import GraderActor
-    from actors.sampler import SampleBatch, SamplerPool
+    from actors.sampler import SamplerPool
     from wpo_ray.pairing import build_pairs
 
     data_context()
     rd = run.round_dir(r)
     s = cfg.sampling
 
-    if not run.done(r, "prompts"):
-        tokenizer = None
-        if cfg.data.chat_template:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
-        run.mark_done(r, "prompts", **stage_prompts(cfg, run, r, tokenizer, log))
-    n_prompts = run.done(r, "prompts")["rows"]
+    n_prompts = ensure_prompts(cfg, run, r, policy_path, log)
 
     if not run.done(r, "samples"):
         t0 = time.time()
@@ -95,12 +140,7 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
         if pool is None:
             pool = SamplerPool(cfg, policy_path, log)
         pool.load_weights(policy_path, log)
-        # The stage's actors are thin proxies (no CPU reserved); the engines hold the resources.
-        ds = ray.data.read_parquet(str(rd / "prompts" / "prompts.parquet")).map_batches(
-            SampleBatch, fn_constructor_kwargs=dict(engines=pool.engines, round_idx=r, run_seed=cfg.run.seed,
-                                                 policy=policy_path, failover_timeout_s=s.failover_timeout_s),
-            batch_size=s.batch_size, batch_format="pyarrow", concurrency=s.num_actors, num_cpus=0,
-        )
+        ds = sample_stage(ray.data.read_parquet(str(rd / "prompts" / "prompts.parquet")), cfg, pool, r, policy_path)
         rows = _write(ds, run, r, "samples", contracts.SAMPLES)
         run.mark_done(r, "samples", rows=rows, seconds=round(time.time() - t0, 1), policy=policy_path,
                       backend=s.backend)
@@ -109,12 +149,7 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
 
     if not run.done(r, "graded"):
         t0 = time.time()
-        g = cfg.grading
-        ds = ray.data.read_parquet(str(rd / "samples")).map_batches(
-            GraderActor, fn_constructor_kwargs=dict(grader=g.grader, timeout_s=g.timeout_s),
-            batch_size=s.batch_size, batch_format="pyarrow", concurrency=g.num_actors, num_cpus=1,
-        )
-        rows = _write(ds, run, r, "graded", contracts.GRADED)
+        rows = _write(grade_stage(ray.data.read_parquet(str(rd / "samples")), cfg), run, r, "graded", contracts.GRADED)
         run.mark_done(r, "graded", rows=rows, seconds=round(time.time() - t0, 1))
 
     if not run.done(r, "pairs"):
@@ -125,21 +160,10 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
         # Sorted by prompt_id: the persisted pairs do not depend on the order actors finished in,
         # so the same seed gives identical files.
         pairs = graded().map_batches(lambda b: build_pairs(b, r, w)[0], batch_format="pyarrow",
-                                     batch_size=s.batch_size).sort("prompt_id")
+                                     batch_size=s.batch_size)
         skips = graded().map_batches(lambda b: build_pairs(b, r, w)[1], batch_format="pyarrow",
-                                     batch_size=s.batch_size).sort("prompt_id")
-        n_pairs = _write(pairs, run, r, "pairs", contracts.PAIRS)
-        final, tmp = run.stage_output(r, "skips")
-        skips.write_parquet(str(tmp))
-        tmp.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pq.read_table(rd / "prompts" / "bad_rows.parquet"), tmp / "bad_rows.parquet")
-        RunDir.commit(tmp, final)
-        n_skips = count_rows(final)
-        n_in = n_prompts + run.done(r, "prompts")["bad_rows"]
-        check_accounting(r, n_in, n_pairs, n_skips)
-        reasons = pq.read_table(final, columns=["reason"]).column("reason").value_counts().to_pylist()
-        run.mark_done(r, "pairs", pairs=n_pairs, skips=n_skips, prompts=n_in,
-                      skip_reasons={d["values"]: d["counts"] for d in reasons}, seconds=round(time.time() - t0, 1))
+                                     batch_size=s.batch_size)
+        commit_pairs(run, r, pairs, skips, t0)
     info = run.done(r, "pairs")
     log(f"[round {r}] {info['prompts']} prompts -> {info['pairs']} pairs + {info['skips']} skips "
         f"{info['skip_reasons']}")

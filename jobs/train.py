@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.train
 
-from actors.train_worker import METRICS_FILE, checkpoint_has_policy, expected_total_steps
+from actors.train_worker import METRICS_FILE, STATE_FILE, checkpoint_has_policy, expected_total_steps
 from wpo_ray import contracts
 from wpo_ray.config import Config
 from wpo_ray.rundir import RunDirError, atomic_write_text
@@ -134,9 +134,14 @@ def read_pairs(source: str | Path, cfg: Config):
     return ds, n, has_ref
 
 
-def run_training(cfg: Config, pairs_source: str | Path, output_dir: str | Path, policy_path: str,
-                 reference_path: str, work_dir: str | Path, log=print) -> dict:
-    """Train the policy on the pairs and write `output_dir` (policy/ in HF safetensors + deepspeed/)."""
+def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str | Path, policy_path: str,
+                 reference_path: str, work_dir: str | Path, log=print, stream=None) -> dict:
+    """Train the policy on the pairs and write `output_dir` (policy/ in HF safetensors + deepspeed/).
+
+    `stream` = (dataset, most pairs it can hold) replaces `pairs_source` for run.overlap=streaming
+    (jobs/stream.py): the pairs are split among the workers as they flow, never materialised, and
+    the schedule is sized for the upper bound; training ends when the stream does.
+    """
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.ref_logp import RefLogpActor
@@ -144,7 +149,10 @@ def run_training(cfg: Config, pairs_source: str | Path, output_dir: str | Path, 
 
     t = cfg.train
     output_dir, work_dir = Path(output_dir).absolute(), Path(work_dir).absolute()
-    ds, n_pairs, has_ref = read_pairs(pairs_source, cfg)
+    if stream is None:
+        ds, n_pairs, has_ref = read_pairs(pairs_source, cfg)
+    else:
+        (ds, n_pairs), has_ref = stream, False
     total = expected_total_steps(n_pairs, cfg)
     max_length = cfg.bootstrap.model.max_position_embeddings if cfg.model.path == "builtin:tiny" else 2048
     if t.loss.needs_reference and t.reference_logps == "precomputed" and not has_ref:
@@ -155,17 +163,24 @@ def run_training(cfg: Config, pairs_source: str | Path, output_dir: str | Path, 
         log(f"[train] reference log-probs precomputed by a RefLogp actor stage ({reference_path})")
     elif t.loss.needs_reference and t.reference_logps == "worker":
         log(f"[train] reference model on each worker ({reference_path})")
-    log(f"[train] {n_pairs} pairs -> {total} optimizer steps on {t.num_workers} DeepSpeed ZeRO-{t.deepspeed.zero_stage} "
-        f"worker(s), loss {t.loss.base} (beta {t.loss.beta}, weight placement {t.loss.weight_placement})")
+    log(f"[train] {'up to ' if stream else ''}{n_pairs} pairs -> {'at most ' if stream else ''}{total} optimizer "
+        f"steps on {t.num_workers} DeepSpeed ZeRO-{t.deepspeed.zero_stage} worker(s), loss {t.loss.base} "
+        f"(beta {t.loss.beta}, weight placement {t.loss.weight_placement})")
     t0 = time.time()
-    ds = ds.materialize()  # computed once; FixedShards splits it the same way on every restart
-    # Refused before any worker starts: one NaN weight or reference log-prob poisons the optimizer.
-    bad = ds.map_batches(contracts.untrainable_rows, batch_format="pyarrow").materialize()
-    n_bad = bad.count()
-    if n_bad:
-        raise contracts.untrainable_error(bad.take(1)[0], n_bad, str(pairs_source))
-    log(f"[train] pairs ready for the workers in {time.time() - t0:.1f}s")
-    claim_work_dir(work_dir, cfg, policy_path, reference_path, _pairs_files(Path(pairs_source))[0])
+    if stream is None:
+        ds = ds.materialize()  # computed once; FixedShards splits it the same way on every restart
+        # Refused before any worker starts: one NaN weight or reference log-prob poisons the optimizer.
+        bad = ds.map_batches(contracts.untrainable_rows, batch_format="pyarrow").materialize()
+        n_bad = bad.count()
+        if n_bad:
+            raise contracts.untrainable_error(bad.take(1)[0], n_bad, str(pairs_source))
+        log(f"[train] pairs ready for the workers in {time.time() - t0:.1f}s")
+        claim_work_dir(work_dir, cfg, policy_path, reference_path, _pairs_files(Path(pairs_source))[0])
+    else:
+        # A streamed round's training always starts from the round's start (run.overlap=streaming
+        # has no mid-round checkpoints): no Ray Train state of an earlier attempt is resumed.
+        shutil.rmtree(work_dir / "ray_train", ignore_errors=True)
+        (work_dir / JOB_FILE).unlink(missing_ok=True)
     metrics_path = work_dir / METRICS_FILE
     metrics_path.unlink(missing_ok=True)
     trainer = TorchTrainer(
@@ -183,7 +198,8 @@ def run_training(cfg: Config, pairs_source: str | Path, output_dir: str | Path, 
                                        # The newest is what a restart needs; each holds optimizer state.
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": ds},
-        dataset_config=FixedShards(),
+        # Streamed pairs are split as they flow (Ray's streaming_split, equal shares per worker).
+        dataset_config=FixedShards() if stream is None else ray.train.DataConfig(),
     )
     result = trainer.fit()
     if result.error:
@@ -201,8 +217,9 @@ def run_training(cfg: Config, pairs_source: str | Path, output_dir: str | Path, 
     shutil.rmtree(output_dir, ignore_errors=True)
     tmp.rename(output_dir)
     shutil.copy(output_dir / METRICS_FILE, metrics_path)
-    info = {"pairs": n_pairs, "steps": total, "seconds": round(time.time() - t0, 1), "checkpoint": str(output_dir)}
-    log(f"[train] done: {total} steps in {info['seconds']}s -> {output_dir}")
+    steps = json.loads((output_dir / STATE_FILE).read_text())["optimizer_steps"]
+    info = {"pairs": n_pairs, "steps": steps, "seconds": round(time.time() - t0, 1), "checkpoint": str(output_dir)}
+    log(f"[train] done: {steps} steps in {info['seconds']}s -> {output_dir}")
     return info
 
 

@@ -10,7 +10,8 @@ fires once, in one process, across all processes) and then
   cleanup, no ``finally``;
 - ``interrupt``: raises ``KeyboardInterrupt``, as Ctrl-C would, for a driver running inside pytest;
 - ``hang``: sleeps for an hour, so that a test can kill something else at a known point (the
-  driver, while a training worker hangs right after a checkpoint).
+  driver, while a training worker hangs right after a checkpoint);
+- ``delay:<s>``: sleeps s seconds and goes on (a slow sampler, to show that training overlaps it).
 
 Places (grep ``failpoint(`` for the full list): ``sampler.sample`` (an engine, per batch),
 ``train.micro_step`` (a training worker, before each micro-batch), ``driver.<stage>.written``
@@ -32,11 +33,19 @@ _hits: dict[str, int] = {}
 
 def arm(directory: str | Path, name: str, hit: int = 1, action: str = "kill") -> Path:
     """Arm `name` to fire on the `hit`-th time a process reaches it (a test helper)."""
-    if action not in ACTIONS or hit < 1:
+    if (action not in ACTIONS and not _delay(action)) or hit < 1:
         raise ValueError(f"failpoint {name}: bad hit {hit} or action {action!r}")
     path = Path(directory) / name
     path.write_text(f"{hit} {action}\n")
     return path
+
+
+def _delay(action: str) -> float | None:
+    head, _, secs = action.partition(":")
+    try:
+        return float(secs) if head == "delay" and float(secs) > 0 else None
+    except ValueError:
+        return None
 
 
 def fired(directory: str | Path, name: str) -> bool:
@@ -64,7 +73,7 @@ def failpoint(name: str) -> None:
     print(f"[failpoint] {name}: firing ({action or 'kill'}) in pid {os.getpid()}", flush=True)
     if action == "interrupt":
         raise KeyboardInterrupt(f"failpoint {name}")
-    if action == "hang":
-        time.sleep(3600)
+    if action == "hang" or _delay(action):
+        time.sleep(3600 if action == "hang" else _delay(action))
         return
     os.kill(os.getpid(), signal.SIGKILL)

@@ -138,3 +138,18 @@ def test_digest_depends_on_content_only():
     c = load_config(None, ["train.loss.beta=0.3"])
     assert a.digest() == b.digest() != c.digest()
     assert a.digest("bootstrap") == c.digest("bootstrap")
+
+
+def test_streaming_overlap_needs_one_epoch_worker_references_and_no_mid_round_checkpoints():
+    ok = ["run.overlap=streaming", "train.epochs=1", "train.reference_logps=worker"]
+    assert load_config(None, ok).run.overlap == "streaming"
+    assert load_config(None, ["run.overlap=streaming", "train.epochs=1", "train.loss.base=simpo"]).run.overlap == "streaming"
+    for bad, expected in [
+        (["train.epochs=2"], "train.epochs is 2, expected 1"),
+        (["train.reference_logps=precomputed"], "set train.reference_logps=worker"),
+        (["train.checkpoint_every=5"], "train.checkpoint_every must be 0"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            load_config(None, [*ok, *bad])
+    with pytest.raises(ConfigError, match="run.overlap"):
+        load_config(None, ["run.overlap=sometimes"])

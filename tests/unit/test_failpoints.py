@@ -65,3 +65,14 @@ def test_bad_arming_is_refused(tmp_path):
     with pytest.raises(ValueError):
         arm(tmp_path, "a", action="explode")
     assert not os.listdir(tmp_path)
+
+
+def test_delay_sleeps_and_goes_on(fp_dir):
+    import time
+
+    arm(fp_dir, "slow.step", hit=1, action="delay:0.2")
+    t0 = time.monotonic()
+    failpoint("slow.step")  # returns: the process goes on
+    assert time.monotonic() - t0 >= 0.2 and fired(fp_dir, "slow.step")
+    with pytest.raises(ValueError):
+        arm(fp_dir, "x", action="delay:soon")
