@@ -57,7 +57,7 @@ def run_rounds(cfg: Config, fresh: bool = False, log=print) -> int:
     from jobs.sample import run_sampling
     from jobs.stream import run_round_streaming
     from jobs.train import run_training
-    from wpo_ray.bootstrap import check_policy_dir, resolve_policy
+    from wpo_ray.bootstrap import resolve_policy
     from wpo_ray.cluster import init_ray
 
     t_start = time.time()
@@ -91,8 +91,6 @@ def run_rounds(cfg: Config, fresh: bool = False, log=print) -> int:
             run.mark_done(r, "train", **info)
         else:
             log(f"[round {r}] training already done ({ckpt})")
-            # Recorded, but may have been damaged since: fail here naming it, not inside vLLM.
-            check_policy_dir(ckpt / "policy", f"round {r} checkpoint")
         policy = str(ckpt / "policy")
         if not run.done(r, "eval"):
             _evaluate_round(cfg, run, r, policy, samplers(policy), log)

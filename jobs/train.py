@@ -227,7 +227,6 @@ def main_train(cfg: Config, pairs: str, output: str | None) -> int:
     from wpo_ray.bootstrap import resolve_policy
     from wpo_ray.cluster import init_ray
 
-    _pairs_files(Path(pairs))  # a missing or empty --pairs fails here, before the bootstrap and Ray
     policy = resolve_policy(cfg)
     init_ray(cfg.ray)
     out = Path(output) if output else Path(cfg.run.dir) / "train" / "checkpoint"

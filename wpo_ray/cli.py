@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wpo-ray: {e}", file=sys.stderr)
         return 2
     try:
-        return _dispatch(args, cfg)
+        run = preflight(args, cfg)
+        return _dispatch(args, cfg, run)
     except KeyboardInterrupt:
         print("wpo-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -92,43 +94,29 @@ def check_prompt_data(cfg, splits: tuple[str, ...]) -> None:
         test_rows(plain)  # the evaluation's own loader: also refuses a missing data.test_path
 
 
-def _dispatch(args, cfg) -> int:
-    from .bootstrap import check_policy_dir, resolve_policy, run_bootstrap
+def preflight(args, cfg):
+    """Every cheap check of a verb's input, before the bootstrap, Ray or an engine starts.
 
-    if args.verb == "bootstrap":
-        run_bootstrap(cfg, force=args.force)
-        return 0
+    Bad prompt data, a policy directory that is missing or incomplete, a missing `--pairs`, a
+    recorded round checkpoint damaged since: each fails here in seconds, naming the file, line or
+    path, and nothing is written but (for run and sample) the run directory's config. Returns the
+    opened run directory for run and sample (`--fresh` applied), else None.
+    """
+    from .bootstrap import check_policy_dir
+    from .rundir import RunDir
+
+    run = None
+    if args.verb == "train":
+        from jobs.train import _pairs_files
+
+        _pairs_files(Path(args.pairs))
     if args.verb == "sample":
-        from .cluster import init_ray
-        from .rundir import RunDir
-
-        # Cheap checks first (run directory, prompt data, policy), then Ray.
         run = RunDir(cfg)
         if not run.done(args.round, "prompts"):
             check_prompt_data(cfg, ("train",))
-        policy = resolve_policy(cfg)
-        init_ray(cfg.ray)
-        from jobs.sample import run_sampling
-
-        run_sampling(cfg, run, args.round, policy)
-        return 0
     if args.verb == "eval":
         check_prompt_data(cfg, ("test",))
-        policy = str(check_policy_dir(args.model, "--model")) if args.model else resolve_policy(cfg)
-        from jobs.evaluate import run_eval
-
-        result = run_eval(cfg, policy)
-        print(json.dumps(result, indent=2))
-        return 0
-    if args.verb == "train":
-        from jobs.train import main_train
-
-        return main_train(cfg, args.pairs, args.output)
     if args.verb == "run":
-        from .rundir import RunDir
-
-        # Open (or --fresh) the run directory here, so the prompt data its unfinished stages will
-        # read is checked before run_rounds starts the bootstrap, Ray and the engines.
         run = RunDir(cfg, fresh=args.fresh)
         rounds = range(1, cfg.run.rounds + 1)
         splits = ()
@@ -137,11 +125,46 @@ def _dispatch(args, cfg) -> int:
         if any(not run.done(r, "eval") for r in (0, *rounds)):
             splits += ("test",)
         check_prompt_data(cfg, splits)
-        if cfg.model.path != "builtin:tiny":
-            check_policy_dir(cfg.model.path)  # run_rounds resolves it again; checked here with the data
+        for r in rounds:  # recorded, but may have been damaged since: fail here, not inside vLLM
+            if run.done(r, "train"):
+                check_policy_dir(run.round_dir(r) / "checkpoint" / "policy", f"round {r} checkpoint")
+    if args.verb == "eval" and args.model:
+        check_policy_dir(args.model, "--model")
+    elif args.verb in ("run", "sample", "eval", "train") and cfg.model.path != "builtin:tiny":
+        check_policy_dir(cfg.model.path)
+    return run
+
+
+def _dispatch(args, cfg, run) -> int:
+    """The verb's work, after `preflight` has checked its input."""
+    from .bootstrap import resolve_policy, run_bootstrap
+
+    if args.verb == "bootstrap":
+        run_bootstrap(cfg, force=args.force)
+        return 0
+    if args.verb == "sample":
+        from jobs.sample import run_sampling
+
+        from .cluster import init_ray
+
+        policy = resolve_policy(cfg)
+        init_ray(cfg.ray)
+        run_sampling(cfg, run, args.round, policy)
+        return 0
+    if args.verb == "eval":
+        from jobs.evaluate import run_eval
+
+        result = run_eval(cfg, str(Path(args.model).absolute()) if args.model else resolve_policy(cfg))
+        print(json.dumps(result, indent=2))
+        return 0
+    if args.verb == "train":
+        from jobs.train import main_train
+
+        return main_train(cfg, args.pairs, args.output)
+    if args.verb == "run":
         from jobs.run import run_rounds
 
-        return run_rounds(cfg, fresh=False)  # already made fresh above
+        return run_rounds(cfg, fresh=False)  # preflight applied --fresh
     if args.verb == "report":
         from .report import write_report
 

@@ -1,9 +1,10 @@
 """Bad input through the CLI: bad prompt data, bad policy directories, a missing `train --pairs` source
 and a damaged recorded checkpoint exit 1 with the file and line (or the path and what is missing),
-before the bootstrap, Ray or an engine starts, writing nothing.
+writing nothing.
 
-Ray, the bootstrap SFT and the samplers are replaced by stubs that raise `Started`: a test that
-reaches one of them fails, so passing proves the input was checked first.
+`wpo_ray.cli.main` runs `preflight` (every cheap input check) before `_dispatch` (the bootstrap, Ray,
+the engines), so an input refused here is refused before anything heavy starts. Nothing is stubbed:
+a test that got past the preflight would start the real thing and fail on another message.
 """
 
 from __future__ import annotations
@@ -13,29 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from jobs.run import run_rounds as real_run_rounds  # before the autouse fixture stubs it
 from wpo_ray.bootstrap import check_policy_dir
-from wpo_ray.cli import main
+from wpo_ray.cli import _parser, _split_config, main, preflight
+from wpo_ray.config import load_config
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 GOOD = {"question": "What is 1+1?", "answer": "2"}
 
 
-class Started(Exception):
-    """Something heavy (Ray, the bootstrap, an engine, the round loop) was about to start."""
-
-
-@pytest.fixture(autouse=True)
-def nothing_heavy_starts(monkeypatch):
-    def boom(what):
-        def f(*a, **k):
-            raise Started(what)
-        return f
-
-    monkeypatch.setattr("wpo_ray.cluster.init_ray", boom("ray"))
-    monkeypatch.setattr("wpo_ray.bootstrap.run_bootstrap", boom("bootstrap"))
-    monkeypatch.setattr("wpo_ray.generation.make_sampler", boom("sampler"))
-    monkeypatch.setattr("jobs.run.run_rounds", boom("run_rounds"))
+def run_preflight(verb: str, *argv: str):
+    """What `main([verb, *argv])` checks before it starts anything; raises on bad input."""
+    args = _parser().parse_args([verb, *argv])
+    return preflight(args, load_config(*_split_config(args)))
 
 
 def fake_policy(path: Path, *, config=True, weights=("model.safetensors",), tokenizer=True) -> Path:
@@ -99,15 +89,13 @@ def test_run_without_test_path_fails_before_anything_starts(tmp_path, capsys):
     assert code == 1 and "data.test_path is required" in err, err
 
 
-def test_good_data_goes_on_to_start_ray(tmp_path):
-    """The check does not refuse good input: `sample` reaches Ray, `run` reaches the round loop."""
+def test_good_data_passes_the_preflight(tmp_path):
+    """The check does not refuse good input: `sample` and `run` go on to their work."""
     good = write_jsonl(tmp_path / "good.jsonl", [GOOD])
     args = ["data.source=jsonl", f"data.train_path={good}", f"data.test_path={good}",
             f"model.path={fake_policy(tmp_path / 'policy')}", f"run.dir={tmp_path / 'run'}"]
-    with pytest.raises(Started, match="ray"):
-        main(["sample", *args])
-    with pytest.raises(Started, match="run_rounds"):
-        main(["run", *args])
+    assert run_preflight("sample", *args).path == tmp_path / "run"
+    assert run_preflight("run", *args).path == tmp_path / "run"
 
 
 def test_fixing_the_data_after_a_failed_first_run_is_accepted(tmp_path, capsys):
@@ -118,8 +106,7 @@ def test_fixing_the_data_after_a_failed_first_run_is_accepted(tmp_path, capsys):
     common = ["data.source=jsonl", f"data.test_path={good}", f"model.path={policy}", f"run.dir={tmp_path / 'run'}"]
     assert main(["run", *common, f"data.train_path={bad}"]) == 1
     capsys.readouterr()
-    with pytest.raises(Started, match="run_rounds"):  # no "made with a different config"
-        main(["run", *common, f"data.train_path={good}"])
+    run_preflight("run", *common, f"data.train_path={good}")  # no "made with a different config"
     assert str(good) in (tmp_path / "run" / "config.yaml").read_text()
     assert "no stage completed yet" in capsys.readouterr().out
 
@@ -217,26 +204,18 @@ def test_cli_train_bad_pairs_exits_1_before_anything_starts(tmp_path, capsys, ca
 
 
 @pytest.mark.parametrize("damaged", [True, False])
-def test_resume_rechecks_a_recorded_checkpoint_before_using_it(tmp_path, capsys, monkeypatch, damaged):
-    """A round whose training is recorded goes on with its checkpoint only if that is still complete.
-
-    The real round loop runs (Ray's start is a no-op here): every stage is recorded, so nothing is
-    computed; a checkpoint that lost its weights after it was recorded fails naming the round and path.
-    """
-    from wpo_ray.config import load_config
+def test_resume_rechecks_a_recorded_checkpoint_before_using_it(tmp_path, capsys, damaged):
+    """A round whose training is recorded goes on with its checkpoint only if that is still complete:
+    a checkpoint that lost its weights after it was recorded fails naming the round and path."""
     from wpo_ray.rundir import RunDir
 
-    monkeypatch.setattr("jobs.run.run_rounds", real_run_rounds)  # the real round loop, not the stub
-    monkeypatch.setattr("wpo_ray.cluster.init_ray", lambda *a, **k: None)
-    monkeypatch.setattr("wpo_ray.report.write_report", lambda *a, **k: (_ for _ in ()).throw(Started("report")))
     args = [f"model.path={fake_policy(tmp_path / 'policy')}", f"run.dir={tmp_path / 'run'}", "run.rounds=1"]
     run = RunDir(load_config(None, args), log=lambda *_: None)
     for r, stage in ((0, "eval"), (1, "train"), (1, "eval")):
         run.mark_done(r, stage)
     ckpt = fake_policy(run.round_dir(1) / "checkpoint" / "policy", weights=() if damaged else ("model.safetensors",))
     if not damaged:
-        with pytest.raises(Started, match="report"):  # past the check, on to the report
-            main(["run", *args])
+        run_preflight("run", *args)  # past the check, on to the work
         return
     code = main(["run", *args])
     err = capsys.readouterr().err
