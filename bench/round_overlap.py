@@ -1,7 +1,8 @@
 """One round's wall time: streaming overlap (samplers and trainers at once) vs staged (samplers, then trainers).
 
 Same config, policy, seed and sampler engines for both: the tiny default (`configs/tiny-cpu.yaml`
-with one epoch and reference log-probs on the workers, as streaming requires) on an embedded Ray,
+with one epoch, as streaming requires; reference log-probs from the RefLogp stage, or on the workers
+with `train.reference_logps=worker`) on an embedded Ray,
 with the bootstrapped tiny policy. The staged round is `run_sampling` then `run_training`; the streaming round is
 `jobs.stream.run_round_streaming`. The engines are started once, before either is timed, and each
 variant runs `--repeats` times, alternating, each in a fresh run directory. Both write the same
@@ -39,8 +40,8 @@ def main() -> None:
     from wpo_ray.config import load_config
     from wpo_ray.rundir import RunDir
 
-    # Streaming needs one epoch and the reference on the workers; the staged round gets the same.
-    base = ["ray.address=local", "train.epochs=1", "train.reference_logps=worker", *args.overrides]
+    # Streaming needs one epoch; the staged round gets the same.
+    base = ["ray.address=local", "train.epochs=1", *args.overrides]
     header("one round: streaming overlap vs staged", {"repeats": args.repeats, "overrides": " ".join(base)})
     cfg0 = load_config(ROOT / "configs" / "tiny-cpu.yaml", base)
     policy = resolve_policy(cfg0)

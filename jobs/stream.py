@@ -2,7 +2,7 @@
 
 One Ray Data pipeline goes from the round's prompts to the training workers:
 
-    prompts → SampleBatch (engines) → GraderActor → persist_and_pair → Ray Train workers
+    prompts → SampleBatch (engines) → GraderActor → persist_and_pair → RefLogpActor → Ray Train workers
 
 The workers start on the first pairs while the samplers still sample the rest. `persist_and_pair`
 pairs each graded batch and writes the batch's samples, graded rows, pairs and skips as Parquet
@@ -15,9 +15,9 @@ What streaming changes, and why:
 - The number of pairs is unknown when training starts: the LR schedule is sized for the most pairs
   the round can give (one per prompt), and training ends with the stream.
 - One pass (`train.epochs: 1`): a stream cannot be replayed without sampling again.
-- Reference log-probs come from a reference model on each worker (`train.reference_logps:
-  worker`): with a RefLogp actor stage in the stream, the workers got no pairs until sampling had
-  ended (measured on the tiny config), which defeats the overlap.
+- Reference log-probs (`train.reference_logps: precomputed`) come from the RefLogp actor stage
+  inside the stream, one sampling batch's pairs at a time (with `worker`, from a reference model on
+  each worker).
 - A failed worker restarts the round's training from its start (`train.checkpoint_every: 0`), and
   the restarted stream samples again with the same per-prompt seeds: the same pairs, state
   exactly-once. Which worker trains which pair is not fixed, unlike the staged `FixedShards`.

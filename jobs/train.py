@@ -159,7 +159,11 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
         ds = ds.map_batches(RefLogpActor, fn_constructor_kwargs=dict(
             model_path=reference_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
             max_length=max_length, micro_batch_size=t.micro_batch_size),
-            batch_size=64, batch_format="pyarrow", concurrency=1, num_cpus=1, num_gpus=1 if t.use_gpu else 0)
+            # Streamed: each upstream block (one sampling batch's pairs) as it comes. A fixed batch
+            # size makes Ray Data hold pairs back until that many have arrived, and a round of few
+            # pairs per sampling batch then reached the workers only when sampling had ended.
+            batch_size=None if stream else 64, batch_format="pyarrow", concurrency=1, num_cpus=1,
+            num_gpus=1 if t.use_gpu else 0)
         log(f"[train] reference log-probs precomputed by a RefLogp actor stage ({reference_path})")
     elif t.loss.needs_reference and t.reference_logps == "worker":
         log(f"[train] reference model on each worker ({reference_path})")

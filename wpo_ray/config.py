@@ -282,11 +282,6 @@ class Config(_Strict):
             if self.train.epochs != 1:
                 raise ValueError(f"run.overlap=streaming trains one pass over the stream; train.epochs is "
                                  f"{self.train.epochs}, expected 1 (or run.overlap=staged)")
-            if self.train.loss.needs_reference and self.train.reference_logps != "worker":
-                # Measured on the tiny config: with a RefLogp actor stage in the stream the workers
-                # got no pairs until sampling had ended, so nothing overlapped.
-                raise ValueError("run.overlap=streaming computes reference log-probs on the training workers; "
-                                 "set train.reference_logps=worker")
             if self.train.checkpoint_every:
                 raise ValueError("run.overlap=streaming restarts a failed round's training from its start (the "
                                  "stream cannot be replayed from the middle); train.checkpoint_every must be 0")

@@ -21,11 +21,12 @@ def test_streaming_round_trains_while_sampling_and_records_a_staged_rounds_outpu
     from wpo_ray.failpoints import arm, fired
     from wpo_ray.rundir import RunDir
 
-    # Streaming computes reference log-probs on the workers (the config requires it).
-    # Batches of 4 prompts, and the 7th batch takes 20 s more: the 24 prompts before it give the
+    # Reference log-probs from the RefLogp actor stage inside the stream (the default), one
+    # sampling batch's pairs at a time: a stage that waited for a full batch of its own would hold
+    # the pairs back until sampling ended, and nothing would overlap. Batches of 4 prompts, and the 7th batch takes 20 s more: the 24 prompts before it give the
     # workers pairs to train on while the sampler is still busy, as on a cluster where sampling
     # is the slow part. (The tiny engine otherwise samples everything before the first step.)
-    cfg = tiny_cfg_factory("run.overlap=streaming", "sampling.batch_size=4", "train.reference_logps=worker",
+    cfg = tiny_cfg_factory("run.overlap=streaming", "sampling.batch_size=4",
                            run_dir=tmp_path / "streamed")
     run = RunDir(cfg)
     arm(failpoints, "sampler.sample", hit=7, action="delay:20")
