@@ -41,10 +41,20 @@ class StreamChangedError(RuntimeError):
     """After a restart, the pairs stream differs from the one the checkpoint was trained on."""
 
 
+def zero_stage(cfg: Config) -> int:
+    """The ZeRO stage the workers run: the configured one, or 0 for a single worker.
+
+    ZeRO partitions optimizer state, gradients and parameters across ranks; one rank has nothing
+    to partition, and stages 1-3 then only add copies into and out of flat buffers (a quarter of a
+    CPU training step: docs/BENCHMARKS.md).
+    """
+    return cfg.train.deepspeed.zero_stage if cfg.train.num_workers > 1 else 0
+
+
 def deepspeed_config(cfg: Config, total_steps: int) -> dict:
     t, ds = cfg.train, cfg.train.deepspeed
-    zero: dict = {"stage": ds.zero_stage}
-    if ds.zero_stage == 3:
+    zero: dict = {"stage": zero_stage(cfg)}
+    if zero["stage"] == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # lets rank 0 write full HF weights
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -116,6 +126,10 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = config["total_steps"]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=deepspeed_config(cfg, total_steps), dist_init_required=False)
+    if world == 1:
+        # No peers to average gradients with: skip DeepSpeed's flatten / all-reduce / copy-back
+        # of every gradient after each backward (a fifth of a CPU step on one rank).
+        engine.enable_backward_allreduce = False
     margins_fn = (GammaPOMargins(loss_cfg.gamma_po, loss_cfg.beta, gather_fn=dist_gather_fn())
                   if loss_cfg.gamma_po.enabled else None)
 
@@ -147,7 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
             d = Path(tmp)
             engine.save_checkpoint(str(d / DS_DIR), tag="ds")
             if final:
-                _save_hf(engine, tokenizer, d / POLICY_DIR, rank, t.deepspeed.zero_stage)
+                _save_hf(engine, tokenizer, d / POLICY_DIR, rank, zero_stage(cfg))
             (d / ledger_file(rank)).write_text(json.dumps(applied))
             if rank == 0:
                 queue = margins_fn.state_dict()["queue"].tolist() if margins_fn is not None else None

@@ -5,9 +5,10 @@ split: chosen = gold answer, rejected = gold + 1, a weight in [1, 2]), same beta
 step, then linear decay to 0: DeepSpeed's WarmupDecayLR refuses 0 warm-up steps), gradient
 clipping 1.0, AdamW without weight decay, per-device batch size, fp32 on CPU, one epoch:
 
-  ours  jobs.train.run_training: Ray Data -> RefLogp actor stage (reference log-probs, streamed)
-        -> Ray Train TorchTrainer, `--workers` DeepSpeed workers (ZeRO `--zero-stage`, default 2 as
-        in configs/tiny-cpu.yaml), weighted DPO
+  ours  jobs.train.run_training: Ray Data -> RefLogp actor stage (reference log-probs, computed and
+        materialised before the workers start) -> Ray Train TorchTrainer, `--workers` DeepSpeed
+        workers (ZeRO `--zero-stage`, default 2 as in configs/tiny-cpu.yaml; a single worker runs
+        ZeRO-0 without the gradient all-reduce, as the trainer does for one worker), weighted DPO
         (weight_placement margin). Torch threads: `--threads` split over the workers.
   trl   trl.DPOTrainer (sigmoid loss = unweighted DPO), reference model in the trainer: its
         reference log-probs are computed inside every step. No eval, report_to none, no
@@ -19,13 +20,14 @@ from its tokenized dataset). Each run is a fresh subprocess; they run one after 
 
 Throughputs printed (tokens / seconds):
   trl   train()      wall of trainer.train(), set-up (tokenising, model loading) excluded
+  trl   whole        model loading + DPOTrainer set-up (tokenising) + train()
   trl   steady       median step time (callback timestamps), first step excluded
   ours  total        wall of run_training: Ray Train start-up, worker set-up, the RefLogp stage,
                      every step, checkpoint (what a user waits for)
-  ours  steps        sum of metrics.jsonl step_seconds: the steps only; the RefLogp stage streams
-                     alongside them on the same cores, so reference time is partly included
+  ours  steps        sum of metrics.jsonl step_seconds: the steps only (the reference log-probs
+                     were computed before them)
   ours  steady       median step_seconds, first step excluded
-and the ratios ours/TRL (steps vs train(), steady vs steady, total vs train()).
+and the ratios ours/TRL (steps vs train(), steady vs steady, total vs whole).
 
     .venv/bin/python bench/trainer_vs_trl.py [--pairs 256 --batch 8 --workers 1]
     .venv/bin/python bench/trainer_vs_trl.py --hidden 512 --layers 4 --workers 1,2
@@ -75,6 +77,7 @@ def our_token_count(policy: str, pairs: list[dict]) -> int:
 
 
 def child_ours(a) -> dict:
+    from actors.train_worker import zero_stage
     from jobs.train import run_training
     from wpo_ray.cluster import init_ray
     from wpo_ray.config import load_config
@@ -100,7 +103,8 @@ def child_ours(a) -> dict:
     ray.shutdown()
     return {"total_s": total, "steps": info["steps"], "step_seconds": [m["step_seconds"] for m in metrics],
             "metric_tokens": sum(m["tokens_per_s"] * m["step_seconds"] for m in metrics),
-            "first_loss": metrics[0]["loss"], "last_loss": metrics[-1]["loss"], "threads_per_worker": threads}
+            "first_loss": metrics[0]["loss"], "last_loss": metrics[-1]["loss"], "threads_per_worker": threads,
+            "zero_stage": zero_stage(cfg)}
 
 
 def child_trl(a) -> dict:
@@ -112,8 +116,10 @@ def child_trl(a) -> dict:
     torch.set_num_threads(a.threads)
     pairs = json.loads(Path(a.pairs_json).read_text())
     ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    t_load = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(a.policy)
     model = AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32)
+    load_s = time.perf_counter() - t_load
     args = DPOConfig(
         output_dir=str(Path(a.work) / "trl"), per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
         max_steps=a.steps, num_train_epochs=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=1,
@@ -146,7 +152,7 @@ def child_trl(a) -> dict:
     out = trainer.train()
     train_s = time.perf_counter() - t0
     steps = [b - a_ for a_, b in zip(cb.stamps, cb.stamps[1:])]
-    return {"train_s": train_s, "setup_s": setup, "tokens": tokens, "step_seconds": steps,
+    return {"train_s": train_s, "setup_s": setup, "load_s": load_s, "tokens": tokens, "step_seconds": steps,
             "exact_epoch": consumed == len(per_row), "train_loss": out.training_loss, "threads": a.threads}
 
 
@@ -226,16 +232,18 @@ def main() -> int:
             print(f"  ran {kind} workers={w}: {steps} steps, process {proc_s:.1f}s", flush=True)
 
     print()
-    print(f"ours: DeepSpeed ZeRO stage {a.zero_stage}")
     fig = {}
     if ("trl", 1) in results:
         r = results[("trl", 1)]
         steady = median(r["step_seconds"][1:])
-        fig["trl"] = dict(train=r["tokens"] / r["train_s"], steady=r["tokens"] / r["steps_n"] / steady)
+        whole = r["load_s"] + r["setup_s"] + r["train_s"]
+        fig["trl"] = dict(train=r["tokens"] / r["train_s"], steady=r["tokens"] / r["steps_n"] / steady,
+                          whole=r["tokens"] / whole)
         print(f"TRL DPOTrainer ({r['threads']} threads): {r['steps_n']} steps, tokens {r['tokens']:.0f} "
               f"{'(exact epoch)' if r['exact_epoch'] else '(scaled)'}; set-up {r['setup_s']:.1f}s (excluded), "
               f"train() {r['train_s']:.2f}s -> {fig['trl']['train']:8.0f} tok/s; median step {steady * 1e3:.1f} ms "
-              f"-> steady {fig['trl']['steady']:8.0f} tok/s; train loss {r['train_loss']:.4f}")
+              f"-> steady {fig['trl']['steady']:8.0f} tok/s; whole (load + set-up + train()) {whole:.2f}s -> "
+              f"{fig['trl']['whole']:8.0f} tok/s; train loss {r['train_loss']:.4f}")
     for (kind, w), r in results.items():
         if kind != "ours":
             continue
@@ -243,22 +251,23 @@ def main() -> int:
         steady = median(r["step_seconds"][1:])
         f = dict(total=tokens / r["total_s"], steps=tokens / steps_s, steady=tokens / r["steps_n"] / steady)
         fig[("ours", w)] = f
-        print(f"ours, {w} worker(s) x {r['threads_per_worker']} thread(s): {r['steps_n']} steps, tokens {tokens} "
+        print(f"ours, {w} worker(s) x {r['threads_per_worker']} thread(s), DeepSpeed ZeRO-{r['zero_stage']}: "
+              f"{r['steps_n']} steps, tokens {tokens} "
               f"(metrics.jsonl says {r['metric_tokens']:.0f}); loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}\n"
               f"    total run_training {r['total_s']:.1f}s -> {f['total']:8.0f} tok/s (Ray Train start-up, RefLogp "
               f"stage, checkpoint included)\n"
               f"    steps only {steps_s:.2f}s (first step {r['step_seconds'][0]:.2f}s) -> {f['steps']:8.0f} tok/s "
-              f"(reference log-probs streamed alongside)\n"
+              f"(reference log-probs computed before)\n"
               f"    median step {steady * 1e3:.1f} ms -> steady {f['steady']:8.0f} tok/s")
     if "trl" in fig:
         print()
         for w in workers:
             f, t = fig[("ours", w)], fig["trl"]
             print(f"RATIO ours({w} worker)/TRL tokens/s: steps-only vs train() {f['steps'] / t['train']:.2f}x | "
-                  f"steady vs steady {f['steady'] / t['steady']:.2f}x | total run_training vs train() "
-                  f"{f['total'] / t['train']:.3f}x")
-        print("(TRL's reference forward is inside each timed step; ours is a separate streamed stage: included in "
-              "'total', partly overlapping 'steps', absent from 'steady' once the stage has finished)")
+                  f"steady vs steady {f['steady'] / t['steady']:.2f}x | total run_training vs TRL whole "
+                  f"{f['total'] / t['whole']:.3f}x")
+        print("(TRL's reference forward is inside each timed step; ours is the RefLogp stage before training: "
+              "in 'total', not in 'steps' or 'steady')")
     return 0
 
 

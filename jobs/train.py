@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.train
 
-from actors.train_worker import METRICS_FILE, STATE_FILE, checkpoint_has_policy, expected_total_steps
+from actors.train_worker import METRICS_FILE, STATE_FILE, checkpoint_has_policy, expected_total_steps, zero_stage
 from wpo_ray import contracts
 from wpo_ray.config import Config
 from wpo_ray.rundir import RunDirError, atomic_write_text
@@ -167,9 +167,12 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
         log(f"[train] reference log-probs precomputed by a RefLogp actor stage ({reference_path})")
     elif t.loss.needs_reference and t.reference_logps == "worker":
         log(f"[train] reference model on each worker ({reference_path})")
+    stage = zero_stage(cfg)
     log(f"[train] {'up to ' if stream else ''}{n_pairs} pairs -> {'at most ' if stream else ''}{total} optimizer "
-        f"steps on {t.num_workers} DeepSpeed ZeRO-{t.deepspeed.zero_stage} worker(s), loss {t.loss.base} "
-        f"(beta {t.loss.beta}, weight placement {t.loss.weight_placement})")
+        f"steps on {t.num_workers} DeepSpeed ZeRO-{stage} worker(s), loss {t.loss.base} "
+        f"(beta {t.loss.beta}, weight placement {t.loss.weight_placement})"
+        + (f"; ZeRO-0 instead of the configured {t.deepspeed.zero_stage}: one worker has nothing to partition"
+           if stage != t.deepspeed.zero_stage else ""))
     t0 = time.time()
     if stream is None:
         ds = ds.materialize()  # computed once; FixedShards splits it the same way on every restart

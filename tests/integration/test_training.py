@@ -84,6 +84,44 @@ def test_worker_killed_mid_training_resumes_exactly_once(zero2_run, tiny_cfg_fac
     assert [x["loss"] for x in m] == pytest.approx([x["loss"] for x in _metrics(out0 / "metrics.jsonl")], rel=1e-6)
 
 
+def test_one_worker_runs_without_partitioning_or_all_reduce_and_matches_two_zero2_workers(
+        zero2_run, tiny_cfg_factory, tiny_policy, arithmetic_pairs, tmp_path):
+    """One worker skips ZeRO partitioning and the gradient all-reduce (nothing to split or average)
+    and still takes the steps two ZeRO-2 workers take on the same 8 pairs per step.
+
+    The pairs are reordered so that the single worker's micro-batch k of 8 holds the pairs the
+    two ranks of `zero2_run` trained on at step k (4 each, read from their ledgers); the mean loss
+    over 8 pairs has the gradient the two ranks average. Only padding widths differ.
+    """
+    import pyarrow.parquet as pq
+
+    from jobs.train import run_training
+
+    _, out0, _ = zero2_run
+    r0, r1 = (x[:24] for x in _ledger(out0 / "checkpoint"))  # epoch 1 of each rank, in order
+    order = [i for k in range(0, 24, 4) for i in r0[k : k + 4] + r1[k : k + 4]]
+    table = pq.read_table(arithmetic_pairs)
+    pos = {pid: n for n, pid in enumerate(table.column("prompt_id").to_pylist())}
+    (tmp_path / "pairs").mkdir()
+    pq.write_table(table.take([pos[i] for i in order]), tmp_path / "pairs" / "pairs.parquet")
+
+    cfg = tiny_cfg_factory("train.epochs=3", "train.deepspeed.zero_stage=2", "train.lr=0.002", "train.loss.base=dpo",
+                           "train.num_workers=1", "train.micro_batch_size=8")
+    logs = []
+    info = run_training(cfg, tmp_path / "pairs", tmp_path / "checkpoint", tiny_policy, tiny_policy, tmp_path,
+                        log=logs.append)
+    assert info["steps"] == 18
+    assert any("ZeRO-0 instead of the configured 2" in x for x in logs), logs
+    # Stage 0: DeepSpeed writes no per-rank ZeRO optimizer partitions.
+    assert not list((tmp_path / "checkpoint" / "deepspeed").rglob("*zero_pp_rank*optim_states*"))
+    w, w0, start = (_weights(d) for d in (tmp_path / "checkpoint" / "policy", out0 / "checkpoint" / "policy", tiny_policy))
+    diff = max((w[k] - w0[k]).abs().max().item() for k in w)
+    moved = max((w0[k] - start[k]).abs().max().item() for k in w)
+    assert moved > 1e-3 and diff <= 1e-3 * moved, (diff, moved)
+    losses, losses0 = (x["loss"] for x in _metrics(tmp_path / "metrics.jsonl")), (x["loss"] for x in _metrics(out0 / "metrics.jsonl"))
+    assert list(losses) == pytest.approx(list(losses0), abs=1e-4)
+
+
 def test_checkpoint_loads_in_transformers_and_vllm(zero2_run, vllm_pool, tiny_policy, tiny_cfg_factory):
     from actors.sampler import SamplerPool
     from wpo_ray.generation import HFSampler
