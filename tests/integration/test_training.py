@@ -205,3 +205,28 @@ def test_nan_weight_is_refused_before_any_worker_starts(ray_session, tiny_cfg_fa
         run_training(tiny_cfg_factory(), tmp_path / "pairs", tmp_path / "out" / "checkpoint", tiny_policy, tiny_policy,
                      tmp_path / "out")
     assert not (tmp_path / "out" / "checkpoint").exists() and not (tmp_path / "out" / "ray_train").exists()
+
+
+def test_nan_reference_logps_computed_while_the_workers_start_fail_the_run_naming_the_pair(
+        ray_session, tiny_cfg_factory, tiny_policy, arithmetic_pairs, tmp_path):
+    """The RefLogp stage runs while Ray Train starts the workers (jobs.train.PairsInBackground); a
+    reference model that gives NaN log-probs must end the run with the pairs' own error, not hang
+    the workers waiting for their shards, and leave no checkpoint."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from jobs.train import run_training
+    from wpo_ray.contracts import ContractError
+
+    ref = tmp_path / "reference"
+    shutil.copytree(tiny_policy, ref)
+    w = load_file(str(ref / "model.safetensors"))
+    w["model.norm.weight"] = torch.full_like(w["model.norm.weight"], float("nan"))
+    save_file(w, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ContractError, match=r"has ref_(chosen|rejected)_logp = nan, expected a finite number \(96 such"):
+        run_training(tiny_cfg_factory("train.loss.base=dpo"), arithmetic_pairs, tmp_path / "out" / "checkpoint",
+                     tiny_policy, str(ref), tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
