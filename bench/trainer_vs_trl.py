@@ -29,7 +29,7 @@ Throughputs printed (tokens / seconds):
   ours  steady       median step_seconds, first step excluded
 and the ratios ours/TRL (steps vs train(), steady vs steady, total vs whole).
 
-    .venv/bin/python bench/trainer_vs_trl.py [--pairs 256 --batch 8 --workers 1]
+    .venv/bin/python bench/trainer_vs_trl.py [--pairs 256 --batch 8 --workers 1 --repeats 1]
     .venv/bin/python bench/trainer_vs_trl.py --hidden 512 --layers 4 --workers 1,2
 """
 
@@ -172,6 +172,7 @@ def main() -> int:
     ap.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3],
                     help="our DeepSpeed ZeRO stage (the project's default is 2)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="paired TRL/ours runs, alternating; ratios are their median")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="show the children's logs")
     ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -210,62 +211,64 @@ def main() -> int:
               f"{tokens / len(pairs):.1f} per pair")
 
         runs = ([] if a.skip_trl else [("trl", 1)]) + [("ours", w) for w in workers]
-        for kind, w in runs:
-            steps = a.pairs // (a.batch * w)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--policy", policy,
-                   "--pairs-dir", str(pairs_dir), "--pairs-json", str(tmp / "pairs.json"),
-                   "--work", str(tmp / f"{kind}-{w}"), "--steps", str(steps), "--workers-n", str(w),
-                   "--batch", str(a.batch), "--zero-stage", str(a.zero_stage), "--beta", str(a.beta), "--lr", str(a.lr), "--threads", str(a.threads),
-                   "--seed", str(a.seed)]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            proc_s = time.perf_counter() - t0
-            if a.verbose or proc.returncode:
-                sys.stdout.write(proc.stdout[-20000:])
-                sys.stderr.write(proc.stderr[-20000:])
-            if proc.returncode:
-                print(f"{kind} (workers={w}) failed with exit code {proc.returncode}")
-                return 1
-            r = json.loads([x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")][-1].split(" ", 1)[1])
-            r.update(steps_n=steps, process_s=proc_s)
-            results[(kind, w)] = r
-            print(f"  ran {kind} workers={w}: {steps} steps, process {proc_s:.1f}s", flush=True)
+        for rep in range(a.repeats):  # alternating, so drifts in the machine's load hit both sides
+            for kind, w in runs:
+                steps = a.pairs // (a.batch * w)
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--policy", policy,
+                       "--pairs-dir", str(pairs_dir), "--pairs-json", str(tmp / "pairs.json"),
+                       "--work", str(tmp / f"{kind}-{w}-{rep}"), "--steps", str(steps), "--workers-n", str(w),
+                       "--batch", str(a.batch), "--zero-stage", str(a.zero_stage), "--beta", str(a.beta),
+                       "--lr", str(a.lr), "--threads", str(a.threads), "--seed", str(a.seed)]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                proc_s = time.perf_counter() - t0
+                if a.verbose or proc.returncode:
+                    sys.stdout.write(proc.stdout[-20000:])
+                    sys.stderr.write(proc.stderr[-20000:])
+                if proc.returncode:
+                    print(f"{kind} (workers={w}) failed with exit code {proc.returncode}")
+                    return 1
+                r = json.loads([x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")][-1].split(" ", 1)[1])
+                r.update(steps_n=steps, process_s=proc_s)
+                results.setdefault((kind, w), []).append(r)
+                print(f"  run {rep + 1}/{a.repeats} {kind} workers={w}: {steps} steps, process {proc_s:.1f}s", flush=True)
 
     print()
-    fig = {}
-    if ("trl", 1) in results:
-        r = results[("trl", 1)]
+    fig: dict = {}
+    for r in results.get(("trl", 1), []):
         steady = median(r["step_seconds"][1:])
         whole = r["load_s"] + r["setup_s"] + r["train_s"]
-        fig["trl"] = dict(train=r["tokens"] / r["train_s"], steady=r["tokens"] / r["steps_n"] / steady,
-                          whole=r["tokens"] / whole)
+        f = dict(train=r["tokens"] / r["train_s"], steady=r["tokens"] / r["steps_n"] / steady, whole=r["tokens"] / whole)
+        fig.setdefault("trl", []).append(f)
         print(f"TRL DPOTrainer ({r['threads']} threads): {r['steps_n']} steps, tokens {r['tokens']:.0f} "
-              f"{'(exact epoch)' if r['exact_epoch'] else '(scaled)'}; set-up {r['setup_s']:.1f}s (excluded), "
-              f"train() {r['train_s']:.2f}s -> {fig['trl']['train']:8.0f} tok/s; median step {steady * 1e3:.1f} ms "
-              f"-> steady {fig['trl']['steady']:8.0f} tok/s; whole (load + set-up + train()) {whole:.2f}s -> "
-              f"{fig['trl']['whole']:8.0f} tok/s; train loss {r['train_loss']:.4f}")
-    for (kind, w), r in results.items():
+              f"{'(exact epoch)' if r['exact_epoch'] else '(scaled)'}; train() {r['train_s']:.2f}s -> "
+              f"{f['train']:8.0f} tok/s; median step {steady * 1e3:.1f} ms -> steady {f['steady']:8.0f} tok/s; "
+              f"whole (load {r['load_s']:.1f}s + set-up {r['setup_s']:.1f}s + train()) {whole:.2f}s -> "
+              f"{f['whole']:8.0f} tok/s; train loss {r['train_loss']:.4f}")
+    for (kind, w), rs in results.items():
         if kind != "ours":
             continue
-        steps_s = sum(r["step_seconds"])
-        steady = median(r["step_seconds"][1:])
-        f = dict(total=tokens / r["total_s"], steps=tokens / steps_s, steady=tokens / r["steps_n"] / steady)
-        fig[("ours", w)] = f
-        print(f"ours, {w} worker(s) x {r['threads_per_worker']} thread(s), DeepSpeed ZeRO-{r['zero_stage']}: "
-              f"{r['steps_n']} steps, tokens {tokens} "
-              f"(metrics.jsonl says {r['metric_tokens']:.0f}); loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}\n"
-              f"    total run_training {r['total_s']:.1f}s -> {f['total']:8.0f} tok/s (Ray Train start-up, RefLogp "
-              f"stage, checkpoint included)\n"
-              f"    steps only {steps_s:.2f}s (first step {r['step_seconds'][0]:.2f}s) -> {f['steps']:8.0f} tok/s "
-              f"(reference log-probs computed before)\n"
-              f"    median step {steady * 1e3:.1f} ms -> steady {f['steady']:8.0f} tok/s")
+        for r in rs:
+            steps_s = sum(r["step_seconds"])
+            steady = median(r["step_seconds"][1:])
+            f = dict(total=tokens / r["total_s"], steps=tokens / steps_s, steady=tokens / r["steps_n"] / steady)
+            fig.setdefault(("ours", w), []).append(f)
+            print(f"ours, {w} worker(s) x {r['threads_per_worker']} thread(s), DeepSpeed ZeRO-{r['zero_stage']}: "
+                  f"{r['steps_n']} steps, tokens {tokens} (metrics.jsonl says {r['metric_tokens']:.0f}); "
+                  f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}\n"
+                  f"    total run_training {r['total_s']:.1f}s -> {f['total']:8.0f} tok/s (Ray Train start-up, RefLogp "
+                  f"stage, checkpoint included)\n"
+                  f"    steps only {steps_s:.2f}s (first step {r['step_seconds'][0]:.2f}s) -> {f['steps']:8.0f} tok/s "
+                  f"(reference log-probs computed before)\n"
+                  f"    median step {steady * 1e3:.1f} ms -> steady {f['steady']:8.0f} tok/s")
     if "trl" in fig:
         print()
         for w in workers:
-            f, t = fig[("ours", w)], fig["trl"]
-            print(f"RATIO ours({w} worker)/TRL tokens/s: steps-only vs train() {f['steps'] / t['train']:.2f}x | "
-                  f"steady vs steady {f['steady'] / t['steady']:.2f}x | total run_training vs TRL whole "
-                  f"{f['total'] / t['whole']:.3f}x")
+            ratios = {k: median([o[k] / t[t_key] for o, t in zip(fig[("ours", w)], fig["trl"])])
+                      for k, t_key in (("steps", "train"), ("steady", "steady"), ("total", "whole"))}
+            print(f"RATIO ours({w} worker)/TRL tokens/s, median of {a.repeats} paired run(s): steps-only vs train() "
+                  f"{ratios['steps']:.2f}x | steady vs steady {ratios['steady']:.2f}x | total run_training vs TRL "
+                  f"whole {ratios['total']:.3f}x")
         print("(TRL's reference forward is inside each timed step; ours is the RefLogp stage before training: "
               "in 'total', not in 'steps' or 'steady')")
     return 0
