@@ -234,7 +234,7 @@ class LossConfig(_Strict):
 
 
 class DeepSpeedConfig(_Strict):
-    zero_stage: int = Field(2, ge=0, le=3)
+    zero_stage: int = Field(2, ge=0, le=3)  # one worker runs 0: nothing to partition (train_worker.zero_stage)
     optimizer: Literal["AdamW", "Adam"] = "AdamW"
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)

@@ -11,7 +11,10 @@ fires once, in one process, across all processes) and then
 - ``interrupt``: raises ``KeyboardInterrupt``, as Ctrl-C would, for a driver running inside pytest;
 - ``hang``: sleeps for an hour, so that a test can kill something else at a known point (the
   driver, while a training worker hangs right after a checkpoint);
-- ``delay:<s>``: sleeps s seconds and goes on (a slow sampler, to show that training overlaps it).
+- ``delay:<s>``: sleeps s seconds and goes on (a slow sampler);
+- ``until:<path>``: waits until ``path`` exists (at most ``UNTIL_MAX_S``) and goes on, appending
+  ``until: met`` or ``until: timed out`` to the ``.fired`` file (a sampler that holds its batch
+  until the trainers have taken a step: they can only if training overlaps sampling).
 
 Places (grep ``failpoint(`` for the full list): ``sampler.sample`` (an engine, per batch),
 ``train.micro_step`` (a training worker, before each micro-batch), ``driver.<stage>.written``
@@ -28,12 +31,13 @@ from pathlib import Path
 
 ENV = "WPO_FAILPOINTS_DIR"
 ACTIONS = ("kill", "interrupt", "hang")
+UNTIL_MAX_S = 300.0
 _hits: dict[str, int] = {}
 
 
 def arm(directory: str | Path, name: str, hit: int = 1, action: str = "kill") -> Path:
     """Arm `name` to fire on the `hit`-th time a process reaches it (a test helper)."""
-    if (action not in ACTIONS and not _delay(action)) or hit < 1:
+    if (action not in ACTIONS and not _delay(action) and not _until(action)) or hit < 1:
         raise ValueError(f"failpoint {name}: bad hit {hit} or action {action!r}")
     path = Path(directory) / name
     path.write_text(f"{hit} {action}\n")
@@ -46,6 +50,11 @@ def _delay(action: str) -> float | None:
         return float(secs) if head == "delay" and float(secs) > 0 else None
     except ValueError:
         return None
+
+
+def _until(action: str) -> str | None:
+    head, _, path = action.partition(":")
+    return path if head == "until" and path else None
 
 
 def fired(directory: str | Path, name: str) -> bool:
@@ -75,5 +84,12 @@ def failpoint(name: str) -> None:
         raise KeyboardInterrupt(f"failpoint {name}")
     if action == "hang" or _delay(action):
         time.sleep(3600 if action == "hang" else _delay(action))
+        return
+    if _until(action):
+        deadline = time.monotonic() + UNTIL_MAX_S
+        while not Path(_until(action)).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with open(armed.with_name(f"{name}.fired"), "a") as f:
+            f.write("until: met\n" if Path(_until(action)).exists() else "until: timed out\n")
         return
     os.kill(os.getpid(), signal.SIGKILL)

@@ -23,16 +23,18 @@ def test_streaming_round_trains_while_sampling_and_records_a_staged_rounds_outpu
 
     # Reference log-probs from the RefLogp actor stage inside the stream (the default), one
     # sampling batch's pairs at a time: a stage that waited for a full batch of its own would hold
-    # the pairs back until sampling ended, and nothing would overlap. Batches of 4 prompts, and the 7th batch takes 20 s more: the 24 prompts before it give the
-    # workers pairs to train on while the sampler is still busy, as on a cluster where sampling
-    # is the slow part. (The tiny engine otherwise samples everything before the first step.)
-    cfg = tiny_cfg_factory("run.overlap=streaming", "sampling.batch_size=4",
-                           run_dir=tmp_path / "streamed")
+    # the pairs back until sampling ended, and nothing would overlap. Batches of 4 prompts; the
+    # engine holds its 7th batch until the trainers have taken their first optimizer step (rank 0
+    # writes metrics.jsonl). They can only if they train on the 24 prompts' pairs sampled before
+    # it while sampling is unfinished; a pipeline that trained after sampling would never get
+    # there (the failpoint gives up after failpoints.UNTIL_MAX_S, and the test fails).
+    cfg = tiny_cfg_factory("run.overlap=streaming", "sampling.batch_size=4", run_dir=tmp_path / "streamed")
     run = RunDir(cfg)
-    arm(failpoints, "sampler.sample", hit=7, action="delay:20")
+    rd = tmp_path / "streamed" / "round-001"
+    arm(failpoints, "sampler.sample", hit=7, action=f"until:{rd / 'train' / 'metrics.jsonl'}")
     info = run_round_streaming(cfg, run, 1, tiny_policy, tiny_policy, vllm_pool)
     assert fired(failpoints, "sampler.sample")
-    rd = tmp_path / "streamed" / "round-001"
+    assert (failpoints / "sampler.sample.fired").read_text().splitlines()[-1] == "until: met"
 
     # The round's outputs and manifest are a staged round's: contracts, accounting, recorded stages.
     for stage in ("samples", "graded", "pairs", "skips"):
@@ -57,4 +59,4 @@ def test_streaming_round_trains_while_sampling_and_records_a_staged_rounds_outpu
     m = [json.loads(x) for x in (rd / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert [x["step"] for x in m] == list(range(1, info["steps"] + 1))
     # Overlap, measured: optimizer steps ran while the sampler was still sampling.
-    assert info["overlap_seconds"] > 5, info
+    assert info["overlap_seconds"] > 0, info

@@ -76,3 +76,25 @@ def test_delay_sleeps_and_goes_on(fp_dir):
     assert time.monotonic() - t0 >= 0.2 and fired(fp_dir, "slow.step")
     with pytest.raises(ValueError):
         arm(fp_dir, "x", action="delay:soon")
+
+
+def test_until_waits_for_the_path_and_records_whether_it_appeared(fp_dir, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from wpo_ray import failpoints
+
+    flag = tmp_path / "first-step"
+    arm(fp_dir, "held.batch", hit=1, action=f"until:{flag}")
+    threading.Timer(0.5, flag.touch).start()
+    t0 = time.monotonic()
+    failpoint("held.batch")
+    assert 0.5 <= time.monotonic() - t0 < 5
+    assert (fp_dir / "held.batch.fired").read_text().splitlines()[-1] == "until: met"
+
+    monkeypatch.setattr(failpoints, "UNTIL_MAX_S", 0.3)
+    arm(fp_dir, "never", hit=1, action=f"until:{tmp_path / 'missing'}")
+    failpoint("never")
+    assert (fp_dir / "never.fired").read_text().splitlines()[-1] == "until: timed out"
+    with pytest.raises(ValueError):
+        arm(fp_dir, "x", action="until:")
