@@ -41,16 +41,16 @@ class FixedShards(ray.train.DataConfig):
     applied would skip the wrong ones. Equal sizes keep DeepSpeed's collectives in step.
     """
 
-    def __init__(self, materialized: "_WaitForPairs | None" = None):
+    def __init__(self, pairs_mailbox=None):
         super().__init__()
-        self.materialized = materialized
+        self.pairs_mailbox = pairs_mailbox
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         # Ray Train calls this when rank 0 first asks for its shard, i.e. once the workers have
-        # loaded the model and built the DeepSpeed engine. `materialized` hands over the driver's
+        # loaded the model and built the DeepSpeed engine. The mailbox hands over the driver's
         # materialised copy of the (single) dataset instead of running its stages again here.
-        if self.materialized is not None:
-            datasets = {name: self.materialized() for name in datasets}
+        if self.pairs_mailbox is not None:
+            datasets = {name: _receive_pairs(self.pairs_mailbox) for name in datasets}
         return [{name: shard.iterator() for name, shard in zip(datasets, shards)}
                 for shards in zip(*(ds.split(world_size, equal=True) for ds in datasets.values()))]
 
@@ -99,17 +99,12 @@ class _PairsMailbox:
         return self._value
 
 
-class _WaitForPairs:
+def _receive_pairs(mailbox):
     """The materialised pairs, once the driver thread has them (blocks until then)."""
-
-    def __init__(self, mailbox):
-        self.mailbox = mailbox
-
-    def __call__(self):
-        state, value = ray.get(self.mailbox.get.remote())
-        if state == "failed":
-            raise RuntimeError(f"the pairs could not be prepared for training: {value}")
-        return value
+    state, value = ray.get(mailbox.get.remote())
+    if state == "failed":
+        raise RuntimeError(f"the pairs could not be prepared for training: {value}")
+    return value
 
 
 class PairsInBackground:
@@ -117,13 +112,13 @@ class PairsInBackground:
 
     The RefLogp actor's start-up and compute then overlap the start of the trainer and its
     workers (model loading, DeepSpeed engine) instead of preceding them: ~10 s of each on the tiny
-    CPU config. `FixedShards(pairs.wait())` takes the result when the workers ask for their
+    CPU config. `FixedShards(pairs.mailbox)` takes the result when the workers ask for their
     shards; it is the same dataset on every (re)start of the workers, as exactly-once needs.
     """
 
     def __init__(self, ds, source: str, check: bool, log=print):
-        self.dataset, self.error = None, None
-        self._mailbox = _PairsMailbox.remote()
+        self.dataset, self.error = None, None  # the driver keeps the materialised blocks' owner reference
+        self.mailbox = _PairsMailbox.remote()
         self._thread = threading.Thread(target=self._prepare, args=(ds, source, check, log), daemon=True,
                                         name="prepare-pairs")
         self._thread.start()
@@ -135,19 +130,16 @@ class PairsInBackground:
             if check:  # the reference log-probs the RefLogp stage computed
                 refuse_untrainable(ds, source)
             self.dataset = ds
-            self._mailbox.put.remote(("ready", ds))
+            self.mailbox.put.remote(("ready", ds))
             log(f"[train] pairs ready for the workers in {time.time() - t0:.1f}s")
         except BaseException as e:  # noqa: BLE001 - handed to the trainer and re-raised by finish()
             self.error = e
-            self._mailbox.put.remote(("failed", f"{type(e).__name__}: {e}"))
-
-    def wait(self) -> _WaitForPairs:
-        return _WaitForPairs(self._mailbox)
+            self.mailbox.put.remote(("failed", f"{type(e).__name__}: {e}"))
 
     def finish(self) -> None:
         """Wait for the thread; raise its error, which explains a training failure better."""
         self._thread.join()
-        ray.kill(self._mailbox)
+        ray.kill(self.mailbox)
         if self.error is not None:
             raise self.error
 
@@ -313,15 +305,13 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": ds},
         # Streamed pairs are split as they flow (Ray's streaming_split, equal shares per worker).
-        dataset_config=FixedShards(pairs.wait()) if stream is None else ray.train.DataConfig(),
+        dataset_config=FixedShards(pairs.mailbox) if stream is None else ray.train.DataConfig(),
     )
     try:
         result = trainer.fit()
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
+    except Exception:  # not Ctrl-C: that should not wait for the thread
         if pairs is not None:
-            pairs.finish()
+            pairs.finish()  # raises the pairs' own error, which explains the training failure better
         raise
     if pairs is not None:
         pairs.finish()

@@ -86,10 +86,10 @@ def failpoint(name: str) -> None:
         time.sleep(3600 if action == "hang" else _delay(action))
         return
     if _until(action):
-        deadline = time.monotonic() + UNTIL_MAX_S
-        while not Path(_until(action)).exists() and time.monotonic() < deadline:
+        flag, deadline = Path(_until(action)), time.monotonic() + UNTIL_MAX_S
+        while not flag.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         with open(armed.with_name(f"{name}.fired"), "a") as f:
-            f.write("until: met\n" if Path(_until(action)).exists() else "until: timed out\n")
+            f.write("until: met\n" if flag.exists() else "until: timed out\n")
         return
     os.kill(os.getpid(), signal.SIGKILL)
