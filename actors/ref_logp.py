@@ -1,6 +1,7 @@
 """RefLogpActor: the reference model in a Ray Data actor pool; adds ref_chosen_logp / ref_rejected_logp.
 
-Precomputing reference log-probs here keeps the trainer holding the policy only.
+Precomputing reference log-probs here keeps the trainer holding the policy only. The forward is
+the training step's own (`wpo_ray.step`), so reference and policy log-probs are computed alike.
 """
 
 from __future__ import annotations
@@ -8,9 +9,8 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from wpo_ray import contracts
-from wpo_ray.batching import collate, encode_pairs, sequence_logps, split_pair_logps
 from wpo_ray.generation import load_hf_policy
+from wpo_ray.step import encode_batch, model_device, reference_logps
 
 
 class RefLogpActor:
@@ -20,21 +20,19 @@ class RefLogpActor:
         self.model, self.tokenizer = load_hf_policy(model_path, dtype, trust_remote_code)
         self.max_length, self.micro = max_length, micro_batch_size
 
-    @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        cols = batch.select(["prompt_id", "prompt", "chosen", "rejected"]).to_pydict()
         chosen, rejected = [], []
-        for i in range(0, len(rows), self.micro):
-            part = rows[i : i + self.micro]
-            enc = encode_pairs(self.tokenizer, [r["prompt"] for r in part], [r["chosen"] for r in part],
-                               [r["rejected"] for r in part], self.max_length, [r["prompt_id"] for r in part])
-            logps, lengths = sequence_logps(self.model, collate(enc, self.tokenizer.pad_token_id))
-            c, r, _, _ = split_pair_logps(logps, lengths)
-            chosen += c.double().tolist()
-            rejected += r.double().tolist()
+        device = model_device(self.model)
+        for i in range(0, batch.num_rows, self.micro):
+            part = {k: v[i : i + self.micro] for k, v in cols.items()}
+            inputs = encode_batch(self.tokenizer, part["prompt"], part["chosen"], part["rejected"], self.max_length,
+                                  part["prompt_id"], device=device)
+            c, r = reference_logps(self.model, inputs)
+            chosen += c.tolist()
+            rejected += r.tolist()
         for name in ("ref_chosen_logp", "ref_rejected_logp"):
             if name in batch.column_names:
                 batch = batch.drop_columns([name])
         batch = batch.append_column("ref_chosen_logp", pa.array(chosen, pa.float64()))
-        batch = batch.append_column("ref_rejected_logp", pa.array(rejected, pa.float64()))
-        return batch
+        return batch.append_column("ref_rejected_logp", pa.array(rejected, pa.float64()))

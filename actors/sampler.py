@@ -14,6 +14,7 @@ gets the same samples it would have got: no prompt is lost or sampled twice.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 
@@ -23,11 +24,16 @@ from wpo_ray import contracts
 from wpo_ray.config import Config, EngineConfig, SamplingConfig
 from wpo_ray.failpoints import failpoint
 from wpo_ray.generation import Completion, make_sampler, prompt_seed
+from wpo_ray.logs import setup_worker_logging
+from wpo_ray.train_plan import model_max_length
+
+log = logging.getLogger(__name__)
 
 
 class SamplerEngine:
     def __init__(self, model_path: str, sampling: dict, seed: int, trust_remote_code: bool = False,
                  dtype: str = "float32", max_model_len: int | None = None):
+        setup_worker_logging()
         self.cfg = SamplingConfig.model_validate(sampling)
         self.sampler = make_sampler(self.cfg.backend, model_path, EngineConfig.model_validate(self.cfg.engine),
                                     seed=seed, trust_remote_code=trust_remote_code, dtype=dtype,
@@ -39,7 +45,7 @@ class SamplerEngine:
 
     def _ensure_policy(self, policy: str | None) -> None:
         if policy is not None and policy != self.policy:
-            print(f"[sampler] engine has {self.policy}, loading {policy} (restarted?)", flush=True)
+            log.info("[sampler] engine has %s, loading %s (restarted?)", self.policy, policy)
             self.load_weights(policy)
 
     def generate(self, prompts, seeds, n, temperature, top_p, max_tokens, policy: str | None = None) -> list[list[tuple]]:
@@ -98,8 +104,8 @@ def call_with_failover(engines: list, start: int, call, what: str, timeout_s: fl
             if waited > timeout_s:
                 raise RuntimeError(f"{what}: no sampler engine answered within {timeout_s:g}s "
                                    f"(sampling.failover_timeout_s); last error: {e}") from e
-            print(f"[samplers] {what}: engine {(start + tries - 1) % len(engines)} is dead or restarting "
-                  f"({type(e).__name__}); trying engine {(start + tries) % len(engines)}", flush=True)
+            log.warning("[samplers] %s: engine %d is dead or restarting (%s); trying engine %d", what,
+                        (start + tries - 1) % len(engines), type(e).__name__, (start + tries) % len(engines))
             if tries % len(engines) == 0:
                 time.sleep(min(10.0, 0.5 * tries))
 
@@ -123,7 +129,7 @@ class SampleBatch:
 class SamplerPool:
     """The run's sampler engines, started once and reused by every round and by evaluation."""
 
-    def __init__(self, cfg: Config, model_path: str, log=print):
+    def __init__(self, cfg: Config, model_path: str):
         import ray
 
         s = cfg.sampling
@@ -132,7 +138,7 @@ class SamplerPool:
         remote = ray.remote(num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor,
                             max_restarts=s.max_restarts, max_task_retries=0)(SamplerEngine)
         self.failover_timeout_s = s.failover_timeout_s
-        max_len = cfg.bootstrap.model.max_position_embeddings if cfg.model.path == "builtin:tiny" else None
+        max_len = model_max_length(cfg)
         t0 = time.time()
         self.engines = [
             remote.remote(model_path, s.model_dump(), cfg.run.seed, cfg.model.trust_remote_code, cfg.model.dtype, max_len)
@@ -140,9 +146,10 @@ class SamplerPool:
         ]
         ray.get([e.ready.remote() for e in self.engines])
         self.model_path = model_path
-        log(f"[samplers] {s.num_actors} {s.backend} engine(s) on {model_path} started in {time.time() - t0:.1f}s")
+        log.info("[samplers] %d %s engine(s) on %s started in %.1fs", s.num_actors, s.backend, model_path,
+                 time.time() - t0)
 
-    def load_weights(self, path: str, log=print) -> list[str]:
+    def load_weights(self, path: str) -> list[str]:
         import ray
 
         if path == self.model_path:
@@ -155,12 +162,13 @@ class SamplerPool:
             try:
                 res.append(ray.get(ref))
             except RayActorError as e:  # it loads the policy its next call names (_ensure_policy)
-                log(f"[samplers] engine {i} is dead or restarting ({type(e).__name__}); it loads {path} on its next call")
+                log.warning("[samplers] engine %d is dead or restarting (%s); it loads %s on its next call", i,
+                            type(e).__name__, path)
                 res.append(("deferred", 0.0))
         self.model_path = path
         modes = [m for m, _ in res]
         how = "in place (no engine restart)" if set(modes) == {"in_place"} else "by reloading the engine"
-        log(f"[samplers] new policy {path} loaded {how} in {max(t for _, t in res):.2f}s: {modes}")
+        log.info("[samplers] new policy %s loaded %s in %.2fs: %s", path, how, max(t for _, t in res), modes)
         return modes
 
     # The Sampler protocol, so evaluation runs through the same engines.

@@ -10,12 +10,10 @@ import os
 import platform
 import random
 import resource
-import sys
 from pathlib import Path
+from statistics import median  # noqa: F401 - the benchmarks' summary statistic
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # `python bench/x.py` from anywhere imports wpo_ray, actors, jobs
 
 
 def cpu_model() -> str:
@@ -120,29 +118,19 @@ def vm_hwm_mib() -> float:
     return float("nan")
 
 
-def median(xs):
-    s = sorted(xs)
-    k = len(s)
-    return s[k // 2] if k % 2 else 0.5 * (s[k // 2 - 1] + s[k // 2])
-
-
 def reference_batches(model, tok, n_batches: int, batch: int, seed: int = 0) -> list[dict]:
     """Pre-collated batches of arithmetic pairs as the training worker builds them, with the model's
     own log-probs as the reference: coll, rc, rr (float64) and the pairs' weights w."""
     import torch
 
-    from wpo_ray.batching import collate, encode_pairs, sequence_logps, split_pair_logps
+    from wpo_ray.step import encode_batch, reference_logps
 
     pairs = arithmetic_pairs(n_batches * batch, seed=seed)
     out = []
-    with torch.no_grad():
-        for i in range(n_batches):
-            part = pairs[i * batch : (i + 1) * batch]
-            enc = encode_pairs(tok, [p["prompt"] for p in part], [p["chosen"] for p in part],
-                               [p["rejected"] for p in part], 64)
-            coll = collate(enc, tok.pad_token_id)
-            logps, lengths = sequence_logps(model, coll)
-            rc, rr, _, _ = split_pair_logps(logps, lengths)
-            out.append(dict(coll=coll, rc=rc.double(), rr=rr.double(),
-                            w=torch.tensor([p["weight"] for p in part], dtype=torch.float64)))
+    for i in range(n_batches):
+        part = pairs[i * batch : (i + 1) * batch]
+        coll = encode_batch(tok, [p["prompt"] for p in part], [p["chosen"] for p in part],
+                            [p["rejected"] for p in part], 64)
+        rc, rr = reference_logps(model, coll)
+        out.append(dict(coll=coll, rc=rc, rr=rr, w=torch.tensor([p["weight"] for p in part], dtype=torch.float64)))
     return out

@@ -1,6 +1,6 @@
 """Driver peak RSS of the sampling stage: does the driver hold the round's data? (it must not)
 
-Runs `jobs.sample.run_sampling` (prompts -> samples -> graded -> pairs, Ray Data over actor pools)
+Runs `pipeline.sampling.run_sampling` (prompts -> samples -> graded -> pairs, Ray Data over actor pools)
 on 1k and on 10k arithmetic prompts (`data.arithmetic.n_train`), `sampling.n=4`, each in a fresh
 subprocess with its own embedded Ray and a run directory in a temp dir, because ru_maxrss is a
 high-water mark of the whole process. The policy is a random tiny Llama saved to a temp dir
@@ -36,7 +36,7 @@ def child(args) -> int:
 
     import psutil
 
-    from jobs.sample import run_sampling
+    from pipeline.sampling import run_sampling
     from wpo_ray.cluster import init_ray
     from wpo_ray.config import load_config
     from wpo_ray.rundir import RunDir

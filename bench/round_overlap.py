@@ -4,7 +4,7 @@ Same config, policy, seed and sampler engines for both: the tiny default (`confi
 with one epoch, as streaming requires; reference log-probs from the RefLogp stage, or on the workers
 with `train.reference_logps=worker`) on an embedded Ray,
 with the bootstrapped tiny policy. The staged round is `run_sampling` then `run_training`; the streaming round is
-`jobs.stream.run_round_streaming`. The engines are started once, before either is timed, and each
+`pipeline.streaming.run_round_streaming`. The engines are started once, before either is timed, and each
 variant runs `--repeats` times, alternating, each in a fresh run directory. Both write the same
 pairs (checked).
 
@@ -32,9 +32,9 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from actors.sampler import SamplerPool
-    from jobs.sample import run_sampling
-    from jobs.stream import run_round_streaming
-    from jobs.train import run_training
+    from pipeline.sampling import run_sampling
+    from pipeline.streaming import run_round_streaming
+    from pipeline.training import run_training
     from wpo_ray.bootstrap import resolve_policy
     from wpo_ray.cluster import init_ray
     from wpo_ray.config import load_config
@@ -55,17 +55,17 @@ def main() -> None:
                 d = Path(tmp) / f"{mode}-{i}"
                 cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [*base, f"run.overlap={mode}", f"run.dir={d}"])
                 run = RunDir(cfg)
-                rd = run.round_dir(1)
                 t0 = time.perf_counter()
                 if mode == "staged":
                     run_sampling(cfg, run, 1, policy, pool=pool)
-                    run_training(cfg, rd / "pairs", rd / "checkpoint", policy, policy, rd / "train")
+                    run_training(cfg, run.output(1, "pairs"), run.output(1, "checkpoint"), policy, policy,
+                                 run.train_dir(1))
                 else:
-                    info = run_round_streaming(cfg, run, 1, policy, policy, pool)
+                    info = run_round_streaming(cfg, run, 1, policy, policy, pool, run.output(1, "checkpoint"))
                     print(f"[bench] streaming: training ran alongside sampling for {info['overlap_seconds']}s")
                 times[mode].append(time.perf_counter() - t0)
                 print(f"[bench] {mode} round {i + 1}: {times[mode][-1]:.1f}s", flush=True)
-                pairs[mode] = pq.read_table(rd / "pairs")
+                pairs[mode] = pq.read_table(run.output(1, "pairs"))
     pool.shutdown()
     same = pairs["staged"].equals(pairs["streaming"])
     staged, streaming = median(times["staged"]), median(times["streaming"])

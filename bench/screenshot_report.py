@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     html = Path(args.run_dir) / "report.html"
     if args.rebuild or not html.exists():
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from wpo_ray.report import write_report
 
         html = write_report(args.run_dir)

@@ -3,8 +3,7 @@
 The physical limit here is the CPU: the peak is measured in the same run as the median FLOP/s of a
 large fp32 `torch.matmul` (n x n by n x n, 2n^3 FLOPs) with the same torch threads. The training
 step is the worker's: forward of [chosen; rejected] through a tiny Llama made large enough that
-its matmuls dominate (`wpo_ray.batching.sequence_logps`), the weighted DPO loss
-(`wpo_ray.losses.preference_loss`), backward, AdamW step. Its FLOPs are counted as
+its matmuls dominate, and the weighted DPO loss (both the training step's, `wpo_ray.step.pair_loss`), backward, AdamW step. Its FLOPs are counted as
 6 x (non-embedding parameters) x tokens, plus attention (12 x layers x hidden x seq^2 per
 sequence, forward + backward), on every computed position (padding included: it is computed);
 the useful share (non-pad tokens) is printed too.
@@ -34,9 +33,8 @@ def main() -> None:
 
     import torch
 
-    from wpo_ray.batching import sequence_logps, split_pair_logps
+    from wpo_ray.step import pair_loss
     from wpo_ray.config import LossConfig
-    from wpo_ray.losses import preference_loss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,9 +63,7 @@ def main() -> None:
         b = batches[i % len(batches)]
         coll, rc, rr, w = b["coll"], b["rc"], b["rr"], b["w"]
         t0 = time.perf_counter()
-        logps, lengths = sequence_logps(model, coll)
-        pc, pr, lc, lr = split_pair_logps(logps, lengths)
-        preference_loss(cfg, pc, pr, rc, rr, lc, lr, w).loss.backward()
+        pair_loss(model, coll, cfg, w, rc, rr).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0

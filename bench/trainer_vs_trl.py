@@ -5,7 +5,7 @@ split: chosen = gold answer, rejected = gold + 1, a weight in [1, 2]), same beta
 step, then linear decay to 0: DeepSpeed's WarmupDecayLR refuses 0 warm-up steps), gradient
 clipping 1.0, AdamW without weight decay, per-device batch size, fp32 on CPU, one epoch:
 
-  ours  jobs.train.run_training: Ray Data -> RefLogp actor stage (reference log-probs, computed and
+  ours  pipeline.training.run_training: Ray Data -> RefLogp actor stage (reference log-probs, computed and
         materialised before the workers start) -> Ray Train TorchTrainer, `--workers` DeepSpeed
         workers (ZeRO `--zero-stage`, default 2 as in configs/tiny-cpu.yaml; a single worker runs
         ZeRO-0 without the gradient all-reduce, as the trainer does for one worker), weighted DPO
@@ -64,23 +64,24 @@ def write_pairs(pairs: list[dict], out_dir: Path) -> Path:
 
 def our_token_count(policy: str, pairs: list[dict]) -> int:
     """prompt + response tokens of chosen and rejected, non-pad, as our worker tokenises them."""
-    from wpo_ray.batching import collate, encode_pairs
     from wpo_ray.generation import load_hf_policy
+    from wpo_ray.step import encode_batch
+    from wpo_ray.train_plan import DEFAULT_MAX_LENGTH
 
     _, tok = load_hf_policy(policy)
-    enc = encode_pairs(tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
-                       [p["rejected"] for p in pairs], 2048)
-    return int(collate(enc, tok.pad_token_id)["attention_mask"].sum())
+    batch = encode_batch(tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
+                         [p["rejected"] for p in pairs], DEFAULT_MAX_LENGTH)
+    return int(batch["attention_mask"].sum())
 
 
 # ---------------------------------------------------------------------------------------- children
 
 
 def child_ours(a) -> dict:
-    from actors.train_worker import zero_stage
-    from jobs.train import run_training
+    from pipeline.training import run_training
     from wpo_ray.cluster import init_ray
     from wpo_ray.config import load_config
+    from wpo_ray.train_plan import zero_stage
 
     threads = max(1, a.threads // a.workers_n)
     cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [

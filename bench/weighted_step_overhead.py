@@ -43,9 +43,8 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from wpo_ray.batching import sequence_logps, split_pair_logps
+    from wpo_ray.step import pair_logps, pair_loss
     from wpo_ray.config import LossConfig
-    from wpo_ray.losses import preference_loss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,14 +63,15 @@ def main() -> int:
             "loss": LossConfig(base="dpo", beta=args.beta, weight_placement="loss")}
     beta = args.beta
 
-    def plain_loss(pc, pr, lc, lr, b):
-        return -F.logsigmoid(beta * ((pc - b["rc"]) - (pr - b["rr"]))).mean()
+    def plain_loss(model, b):  # the baseline: the same forward, a hand-written unweighted DPO loss
+        lp = pair_logps(model, b["coll"])
+        return -F.logsigmoid(beta * ((lp.chosen - b["rc"]) - (lp.rejected - b["rr"]))).mean()
 
     def weighted(name):
         cfg = cfgs[name]
 
-        def fn(pc, pr, lc, lr, b):
-            return preference_loss(cfg, pc, pr, b["rc"], b["rr"], lc, lr, b["w"]).loss
+        def fn(model, b):  # the training step itself
+            return pair_loss(model, b["coll"], cfg, b["w"], b["rc"], b["rr"]).loss
         return fn
 
     variants = {"plain": plain_loss, "margin": weighted("margin"), "loss": weighted("loss")}
@@ -83,9 +83,7 @@ def main() -> int:
         model, opt, b = models[name], opts[name], batches[counters[name] % n_batches]
         counters[name] += 1
         t0 = time.perf_counter()
-        logps, lengths = sequence_logps(model, b["coll"])
-        pc, pr, lc, lr = split_pair_logps(logps, lengths)
-        loss = variants[name](pc, pr, lc, lr, b)
+        loss = variants[name](model, b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

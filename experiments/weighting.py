@@ -12,9 +12,9 @@ accuracy is reported as the starting point.
 How, per seed: sample sampling.n answers per train prompt from the initial policy (transformers
 sampler, per-prompt seeds from the experiment seed), grade them, build pairs with
 `wpo_ray.pairing.build_pairs` (config's `weighting`), compute reference log-probs once with the
-initial policy, then train each cell in-process with plain torch AdamW and the loss code of
-`actors/train_worker.py` (encode_pairs / collate / sequence_logps / preference_loss, γ-PO margins
-from `GammaPOMargins`). One optimizer step takes num_workers x micro_batch_size x grad_accum pairs
+initial policy, then train each cell in-process with plain torch AdamW and the training step the
+DeepSpeed workers run (`wpo_ray.step`: encode_batch / pair_loss, γ-PO margins from
+`GammaPOMargins`). One optimizer step takes num_workers x micro_batch_size x grad_accum pairs
 and the run takes `optimizer_steps(n_pairs, cfg)` steps, i.e. what the DeepSpeed workers would do
 (gradients averaged over ranks = mean over the global micro-batch; γ-PO pools every rank's gaps),
 with DeepSpeed's WarmupDecayLR schedule and gradient clipping reproduced by hand. The pairs are
@@ -46,24 +46,22 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # `python experiments/weighting.py` from anywhere imports wpo_ray
-
 import torch
 
-from actors.train_worker import optimizer_steps
 from wpo_ray import contracts
 from wpo_ray.arithmetic import BUCKETS, make_split
-from wpo_ray.batching import collate, encode_pairs, sequence_logps, split_pair_logps
 from wpo_ray.bootstrap import resolve_policy
 from wpo_ray.config import load_config
 from wpo_ray.evaluation import evaluate
 from wpo_ray.generation import HFSampler, load_hf_policy, prompt_seed
 from wpo_ray.graders import get_grader
-from wpo_ray.losses import GammaPOMargins, preference_loss, reward_gaps
+from wpo_ray.losses import GammaPOMargins
 from wpo_ray.pairing import build_pairs
 from wpo_ray.rundir import atomic_write_text
+from wpo_ray.step import encode_batch, pair_loss, reference_logps
+from wpo_ray.train_plan import optimizer_steps, train_max_length
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FOCAL_GAMMA = 0.05  # a small γ_f, the regime FocalPO runs in (override with --focal-gamma)
 # cell -> (base, weight placement, FocalPO on, γ-PO on)
@@ -105,15 +103,17 @@ def make_pairs(cfg, sampler, grader, rows, seed):
     return pairs.to_pylist(), skips.column("reason").to_pylist()
 
 
-@torch.no_grad()
-def reference_logps(model, enc, pad_id, chunk=64):
-    ref_c, ref_r = [], []
-    for i in range(0, len(enc["prompt"]), chunk):
-        part = {k: v[i : i + chunk] for k, v in enc.items()}
-        c, r, _, _ = split_pair_logps(*sequence_logps(model, collate(part, pad_id)))
-        ref_c.append(c.double())
-        ref_r.append(r.double())
-    return torch.cat(ref_c), torch.cat(ref_r)
+def encoded(tok, pairs: list[dict], idx: list[int], max_length: int) -> dict:
+    """The training step's batch of the pairs at `idx`."""
+    part = [pairs[i] for i in idx]
+    return encode_batch(tok, [p["prompt"] for p in part], [p["chosen"] for p in part], [p["rejected"] for p in part],
+                        max_length, [p["prompt_id"] for p in part])
+
+
+def pairs_reference_logps(model, tok, pairs: list[dict], max_length: int, chunk: int = 64):
+    ref = [reference_logps(model, encoded(tok, pairs, list(range(i, min(i + chunk, len(pairs)))), max_length))
+           for i in range(0, len(pairs), chunk)]
+    return torch.cat([c for c, _ in ref]), torch.cat([r for _, r in ref])
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -127,7 +127,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return it / warmup if it < warmup else max(0.0, (total - it) / max(1, total - warmup))
 
 
-def train(cfg, loss_cfg, init_model, enc, pad_id, ref, weights, seed):
+def train(cfg, loss_cfg, init_model, tok, pairs, max_length, ref, weights, seed):
     """One in-process run; returns (trained model, metrics). Order and init depend only on `seed`."""
     t = cfg.train
     torch.manual_seed(seed)
@@ -148,13 +148,8 @@ def train(cfg, loss_cfg, init_model, enc, pad_id, ref, weights, seed):
             opt.zero_grad(set_to_none=True)
             for a in range(t.grad_accum):
                 idx = order[(s * t.grad_accum + a) * chunk : (s * t.grad_accum + a + 1) * chunk]
-                coll = collate({k: [v[i] for i in idx] for k, v in enc.items()}, pad_id)
-                pc, pr, lc, lr = split_pair_logps(*sequence_logps(model, coll))
-                rc, rr, w = ref[0][idx], ref[1][idx], weights[idx]
-                margins = None
-                if margins_fn is not None:
-                    margins = margins_fn(reward_gaps(loss_cfg, pc, pr, rc, rr, lc, lr, w))
-                out = preference_loss(loss_cfg, pc, pr, rc, rr, lc, lr, w, margins)
+                out = pair_loss(model, encoded(tok, pairs, idx, max_length), loss_cfg, weights[idx], ref[0][idx],
+                                ref[1][idx], margins_fn=margins_fn)
                 (out.loss / t.grad_accum).backward()
                 losses.append(out.metrics["loss"])
                 accs.append(out.metrics["rewards/accuracy"])
@@ -234,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     init_model, tok = load_hf_policy(policy, cfg.model.dtype, cfg.model.trust_remote_code)
     sampler = HFSampler(init_model, tok)
     grader = get_grader(cfg.grading.grader, cfg.grading.timeout_s)
-    max_length = cfg.bootstrap.model.max_position_embeddings if cfg.model.path == "builtin:tiny" else 2048
+    max_length = train_max_length(cfg)
     train_rows = make_split(cfg.data.arithmetic, "train")[: cfg.data.max_prompts]
     n_eval = args.eval_prompts or cfg.eval.max_prompts or cfg.data.arithmetic.n_test
     test_rows = make_split(cfg.data.arithmetic, "test")[:n_eval]
@@ -257,9 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs, skip_reasons = make_pairs(cfg, sampler, grader, train_rows, seed)
         if optimizer_steps(len(pairs), cfg) < 1:
             raise SystemExit(f"seed {seed}: {len(pairs)} pairs make no optimizer step; raise data.arithmetic.n_train")
-        enc = encode_pairs(tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
-                           [p["rejected"] for p in pairs], max_length, [p["prompt_id"] for p in pairs])
-        ref = reference_logps(init_model, enc, tok.pad_token_id)
+        ref = pairs_reference_logps(init_model, tok, pairs, max_length)
         weights = {"weighted": torch.tensor([p["weight"] for p in pairs], dtype=torch.float64),
                    "uniform": torch.ones(len(pairs), dtype=torch.float64)}
         w = weights["weighted"]
@@ -280,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 if variant == "uniform" and key in done:
                     run = {**done[key], "cell": cell, "reused_from": done[key]["cell"], "seconds": 0.0}
                 else:
-                    model, metrics = train(cfg, lc, init_model, enc, tok.pad_token_id, ref, weights[variant], seed)
+                    model, metrics = train(cfg, lc, init_model, tok, pairs, max_length, ref, weights[variant], seed)
                     t_train = time.time() - t0
                     e = ev(HFSampler(model, tok))
                     run = {"seed": seed, "cell": cell, "variant": variant, "placement": lc.weight_placement,
@@ -307,5 +300,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # the grader's child process is spawned: keep the guard
+if __name__ == "__main__":  # the grader's worker process is spawned: keep the guard
     sys.exit(main())

@@ -1,1 +1,1 @@
-"""Entry points: `python -m jobs.<entry> --config ...` (for `ray job submit`) and the CLI's verbs."""
+"""Entry points: `python -m jobs.<verb>` (for `ray job submit`) and the `wpo-ray` CLI (`jobs.cli`)."""

@@ -1,5 +1,5 @@
 """Shared fixtures. Heavy resources (Ray, the tiny policy, vLLM engines) are started once per session:
-engine start-up costs ~35-70 s on a 2-core machine (ENV.md)."""
+engine start-up costs ~35-70 s on a 2-core machine (docs/ENVIRONMENT.md)."""
 
 from __future__ import annotations
 
@@ -73,14 +73,14 @@ def failpoints(failpoints_dir):
 
 @pytest.fixture(scope="session")
 def ray_session(failpoints_dir):
-    """One embedded local Ray for the whole test session (6 logical CPUs on 2 cores: ENV.md)."""
+    """One embedded local Ray for the whole test session (6 logical CPUs on 2 cores: docs/ENVIRONMENT.md)."""
     import ray
 
     from wpo_ray.cluster import init_ray
     from wpo_ray.config import RayConfig
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    init_ray(RayConfig(address="local", num_cpus=6))
+    init_ray(RayConfig(address="local", num_cpus=6, verbose=True))  # workers' output in the test log
     yield ray
     ray.shutdown()
 

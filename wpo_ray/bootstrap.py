@@ -1,4 +1,4 @@
-"""SFT bootstrap of the tiny arithmetic policy (DESIGN §10).
+"""SFT bootstrap of the tiny arithmetic policy (docs/DESIGN.md).
 
 Trains the locally built Llama on `<s>question=answer</s>` until its greedy accuracy on a held-out
 slice of the train distribution reaches the middle of the target band, so the preference rounds
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
 from pathlib import Path
 
 from .config import Config
+
+log = logging.getLogger(__name__)
 
 DEV_SIZE = 256
 
@@ -57,7 +60,7 @@ def _batches(rows, tokenizer, batch_size, gen):
         yield ids, mask, labels
 
 
-def run_bootstrap(cfg: Config, force: bool = False, log=print) -> Path:
+def run_bootstrap(cfg: Config, force: bool = False) -> Path:
     """Return the directory of the bootstrapped policy, training it first unless cached."""
     import torch
 
@@ -72,7 +75,7 @@ def run_bootstrap(cfg: Config, force: bool = False, log=print) -> Path:
                          f"data.source is {cfg.data.source!r} (set model.path to your own model instead)")
     out = bootstrap_dir(cfg)
     if (out / "bootstrap.json").is_file() and not force:
-        log(f"[bootstrap] cached policy {out}")
+        log.info(f"[bootstrap] cached policy {out}")
         return out
 
     b = cfg.bootstrap
@@ -94,7 +97,7 @@ def run_bootstrap(cfg: Config, force: bool = False, log=print) -> Path:
     target = sum(b.target_accuracy) / 2
     sampler = HFSampler(model, tokenizer)
     step, dev_acc, loss_val = 0, 0.0, float("nan")
-    log(f"[bootstrap] SFT of a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter policy "
+    log.info(f"[bootstrap] SFT of a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter policy "
         f"on {len(train_rows)} questions, up to {b.steps} steps; stops at dev accuracy >= {target:.2f}")
     while step < b.steps:
         for ids, mask, labels in _batches(train_rows, tokenizer, b.batch_size, gen):
@@ -110,7 +113,7 @@ def run_bootstrap(cfg: Config, force: bool = False, log=print) -> Path:
             if step % 100 == 0 or step == b.steps:
                 model.eval()
                 dev_acc = evaluate(sampler, dev_rows, grader, max_tokens=max_tokens)["greedy_accuracy"]
-                log(f"[bootstrap] step {step}/{b.steps} loss {loss_val:.3f} dev greedy acc {dev_acc:.3f} "
+                log.info(f"[bootstrap] step {step}/{b.steps} loss {loss_val:.3f} dev greedy acc {dev_acc:.3f} "
                     f"({time.time() - t0:.0f}s)")
                 if dev_acc >= target:
                     break
@@ -133,7 +136,7 @@ def run_bootstrap(cfg: Config, force: bool = False, log=print) -> Path:
     tmp.rename(out)
     lo, hi = b.target_accuracy
     band = "inside" if lo <= test["greedy_accuracy"] <= hi else "OUTSIDE"
-    log(f"[bootstrap] done in {info['seconds']}s: test greedy accuracy {test['greedy_accuracy']:.3f} "
+    log.info(f"[bootstrap] done in {info['seconds']}s: test greedy accuracy {test['greedy_accuracy']:.3f} "
         f"({band} the target band {lo}-{hi}); by bucket {test['greedy_by_bucket']} -> {out}")
     return out
 
@@ -181,8 +184,8 @@ def check_policy_dir(path: str | Path, key: str = "model.path") -> Path:
     return p
 
 
-def resolve_policy(cfg: Config, log=print) -> str:
+def resolve_policy(cfg: Config) -> str:
     """The initial policy: the bootstrapped tiny model for `builtin:tiny`, else a local HF directory."""
     if cfg.model.path == "builtin:tiny":
-        return str(run_bootstrap(cfg, log=log))
+        return str(run_bootstrap(cfg))
     return str(check_policy_dir(cfg.model.path))

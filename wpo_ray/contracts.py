@@ -1,4 +1,4 @@
-"""The Arrow data contracts every stage speaks (DESIGN §4).
+"""The Arrow data contracts every stage speaks (docs/DESIGN.md).
 
 One schema per stage. Column names are a contract: reports, resume and exports depend on them.
 `validate(table, "pairs", source=...)` checks an incoming table and names the first wrong column.
@@ -7,6 +7,8 @@ One schema per stage. Column names are a contract: reports, resume and exports d
 from __future__ import annotations
 
 from typing import Iterable
+
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -44,7 +46,7 @@ SAMPLES = pa.schema(
     + [
         pa.field("prompt", pa.string(), nullable=False),
         pa.field("gold_answer", pa.string()),
-        # Not in DESIGN §4's list, but the pair needs it when no sample is correct.
+        # Not in the design's list, but the pair needs it when no sample is correct.
         pa.field("gold_solution", pa.string()),
         pa.field("responses", pa.list_(pa.string())),
         pa.field("response_logps", pa.list_(pa.float64())),
@@ -174,10 +176,6 @@ def validate(table: pa.Table, stage: str, source: str = "table", extra_required:
     return out.cast(pa.schema(list(target) + [out.schema.field(n) for n in rest]))
 
 
-def empty(stage: str) -> pa.Table:
-    return SCHEMAS[stage].empty_table()
-
-
 def from_rows(rows: list[dict], stage: str) -> pa.Table:
     """Build a table of `stage`'s schema from Python dicts (missing optional keys become null)."""
     schema = SCHEMAS[stage] if stage != "pairs_with_ref" else PAIRS_WITH_REF
@@ -213,9 +211,30 @@ def untrainable_error(first: dict, n_bad: int, source: str) -> ContractError:
                          f"{first['expected']} ({n_bad} such value(s)); refusing to train on these pairs")
 
 
-def check_trainable(batch: pa.Table, source: str = "pairs") -> pa.Table:
-    """`batch` unchanged, or ContractError naming its first untrainable pair (see untrainable_rows)."""
-    bad = untrainable_rows(batch)
-    if bad.num_rows:
-        raise untrainable_error(bad.slice(0, 1).to_pylist()[0], bad.num_rows, source)
-    return batch
+class AccountingError(ContractError):
+    """#prompts in != #pairs + #skips: something was lost or duplicated."""
+
+
+def check_accounting(r: int, n_in: int, n_pairs: int, n_skips: int) -> None:
+    """The invariant of a round: every prompt in comes out as one pair or one skip record."""
+    if n_in != n_pairs + n_skips:
+        raise AccountingError(
+            f"round {r}: {n_in} prompts in but {n_pairs} pairs + {n_skips} skips out; refusing to continue"
+        )
+
+
+def pairs_files(source: Path) -> tuple[list[Path], str]:
+    """The files of a pairs source (our pairs directory, a TRL-format dataset directory or one
+    file) and their format, "parquet" or "json"; FileNotFoundError naming `--pairs` if none."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(source.glob("*.parquet"))
+        if files:
+            return files, "parquet"
+        files = sorted(source.glob("*.jsonl"))
+        if files:
+            return files, "json"
+        raise FileNotFoundError(f"--pairs {source}: no *.parquet or *.jsonl files in the directory")
+    if not source.exists():
+        raise FileNotFoundError(f"--pairs {source} does not exist")
+    return [source], "json" if source.suffix in (".jsonl", ".json") else "parquet"

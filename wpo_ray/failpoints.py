@@ -24,10 +24,13 @@ the manifest).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 ENV = "WPO_FAILPOINTS_DIR"
 ACTIONS = ("kill", "interrupt", "hang")
@@ -79,7 +82,7 @@ def failpoint(name: str) -> None:
         os.rename(armed, armed.with_name(f"{name}.fired"))  # atomic: exactly one process wins
     except FileNotFoundError:
         return
-    print(f"[failpoint] {name}: firing ({action or 'kill'}) in pid {os.getpid()}", flush=True)
+    log.warning("[failpoint] %s: firing (%s) in pid %d", name, action or "kill", os.getpid())
     if action == "interrupt":
         raise KeyboardInterrupt(f"failpoint {name}")
     if action == "hang" or _delay(action):

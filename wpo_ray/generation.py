@@ -8,11 +8,14 @@ never on how prompts were batched, so reruns and retries after a failure reprodu
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
 from .config import EngineConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -199,5 +202,5 @@ def make_sampler(backend: str, model_path: str, engine: EngineConfig, seed: int 
         s = HFSampler.from_path(model_path, dtype, trust_remote_code)
     else:
         raise ValueError(f"sampling.backend: unknown backend {backend!r}; expected 'vllm' or 'transformers'")
-    print(f"[sampler] {backend} engine on {model_path} ready in {time.time() - t0:.1f}s", flush=True)
+    log.info("[sampler] %s engine on %s ready in %.1fs", backend, model_path, time.time() - t0)
     return s

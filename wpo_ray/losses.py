@@ -1,4 +1,4 @@
-"""Weighted pairwise preference losses (DESIGN §6).
+"""Weighted pairwise preference losses (docs/DESIGN.md).
 
 One entry point, `preference_loss`, computes any base loss (dpo, cdpo, robust, hinge, ipo, dpop,
 simpo) with the three plug-ins of this project composed on top:
@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from wpo_ray.config import MARGIN_BASES, SIGMOID_BASES, GammaPOConfig, LossConfig
+from wpo_ray.config import MARGIN_BASES, GammaPOConfig, LossConfig
 
 Tensor = torch.Tensor
 
@@ -45,27 +45,6 @@ class LossOutput:
 
 
 # ------------------------------------------------------------------------------------- validation
-
-
-def _check_combo(cfg: LossConfig, has_margins: bool) -> None:
-    # LossConfig rejects these already; a config built with model_construct or mutated in place
-    # does not pass through that validator, so check again where it matters.
-    if cfg.base not in MARGIN_BASES + ("ipo",):
-        raise ValueError(f"unknown loss base {cfg.base!r}")
-    if cfg.focal.gamma > 0 and cfg.base not in SIGMOID_BASES:
-        raise ValueError(
-            f"focal.gamma > 0 is undefined for base {cfg.base!r}: FocalPO needs a sigmoid-family "
-            f"base {SIGMOID_BASES} (p = σ(z) is the ranking probability)"
-        )
-    if has_margins and cfg.base not in MARGIN_BASES:
-        raise ValueError(
-            f"γ-PO margins are undefined for base {cfg.base!r}: it regresses the margin to a fixed "
-            f"value; γ-PO needs one of {MARGIN_BASES}"
-        )
-    if cfg.label_smoothing > 0 and cfg.base not in ("cdpo", "robust"):
-        raise ValueError(f"label_smoothing applies only to cdpo or robust, not {cfg.base!r}")
-    if cfg.base == "robust" and not cfg.label_smoothing < 0.5:
-        raise ValueError("robust loss needs label_smoothing < 0.5 (it divides by 1 − 2ε)")
 
 
 def _check_inputs(cfg: LossConfig, named: dict[str, Optional[Tensor]]) -> int:
@@ -150,6 +129,9 @@ def _target_margin(cfg: LossConfig, margins: Optional[Tensor]) -> Tensor | float
         return cfg.simpo_gamma if margins is None else margins.detach()
     if margins is None:
         return 0.0
+    if cfg.base not in MARGIN_BASES:  # an input error: the config refuses gamma_po for these
+        raise ValueError(f"γ-PO margins are undefined for base {cfg.base!r}: it regresses the margin to a "
+                         f"fixed value; γ-PO needs one of {MARGIN_BASES}")
     # DPO-style bases have no target margin of their own: use the zero-mean offset m_i − γ0.
     return margins.detach() - cfg.gamma_po.ratio * cfg.beta
 
@@ -160,9 +142,9 @@ def _as_float(t: Tensor, like: Tensor) -> Tensor:
     return t.to(dtype=dtype, device=like.device)
 
 
-def _prepare(cfg: LossConfig, pc, pr, rc, rr, lc, lr, w, margins, gamma_po: bool = False):
-    """Validate the inputs (combo, shapes, finiteness) and cast them to a common float dtype."""
-    _check_combo(cfg, gamma_po or margins is not None)
+def _prepare(cfg: LossConfig, pc, pr, rc, rr, lc, lr, w, margins):
+    """Validate the inputs (shapes, finiteness) and cast them to a common float dtype. Which
+    base / plug-in combinations are defined is LossConfig's rule, checked when it is built."""
     _check_inputs(
         cfg,
         {
@@ -192,7 +174,7 @@ def preference_loss(
     weights: Tensor,
     margins: Optional[Tensor] = None,
 ) -> LossOutput:
-    """Weighted preference loss over B pairs; see the module docstring and DESIGN §6."""
+    """Weighted preference loss over B pairs; see the module docstring and docs/DESIGN.md."""
     pc, pr, rc, rr, lc, lr, w, margins = _prepare(
         cfg, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
         chosen_lengths, rejected_lengths, weights, margins,
@@ -233,23 +215,13 @@ def preference_loss(
     return LossOutput(loss=loss, losses=losses, metrics=dict(zip(stats, values)))
 
 
-def reward_gaps(
-    cfg: LossConfig,
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Optional[Tensor],
-    ref_rejected_logps: Optional[Tensor],
-    chosen_lengths: Tensor,
-    rejected_lengths: Tensor,
-    weights: Tensor,
-) -> Tensor:
+def reward_gaps(cfg: LossConfig, pc: Tensor, pr: Tensor, rc: Optional[Tensor], rr: Optional[Tensor], lc: Tensor,
+                lr: Tensor, w: Tensor) -> Tensor:
     """Detached gaps r_i that γ-PO sets margins from: the term the target margin is subtracted
-    from, i.e. w·Δ under margin placement and Δ under loss placement. Shape [B]."""
+    from, i.e. w·Δ under margin placement and Δ under loss placement. Shape [B]. The arguments
+    are preference_loss's, in its order (policy / reference chosen and rejected, lengths, weights)."""
     with torch.no_grad():
-        pc, pr, rc, rr, lc, lr, w, _ = _prepare(
-            cfg, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            chosen_lengths, rejected_lengths, weights, None, gamma_po=True,
-        )
+        pc, pr, rc, rr, lc, lr, w, _ = _prepare(cfg, pc, pr, rc, rr, lc, lr, w, None)
         _, _, delta = _rewards(cfg, pc, pr, rc, rr, lc, lr)
         if cfg.weight_placement == "margin":
             delta = w * delta

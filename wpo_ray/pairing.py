@@ -1,19 +1,19 @@
-"""Difficulty weights and preference pairs from graded samples (Ma et al., DESIGN §5).
+"""Difficulty weights and preference pairs from graded samples (Ma et al.; docs/DESIGN.md).
 
 Pure functions: no Ray, no torch. One graded question becomes exactly one pair or one skip record,
 so a round keeps its invariant `#prompts in == #pairs + #skips`.
 
-- `difficulty_weight` / `difficulty_weights`: the weight of a question from P_c, P_e and N.
-- `pair_question`: one GRADED row -> (pair, None) or (None, skip).
+- `difficulty_weights`: the weight of each question from P_c, P_e and N.
 - `build_pairs`: a GRADED table -> (PAIRS table, SKIPS table), input order kept.
 - `pairs_and_skips_batch` / `split_pairs_and_skips`: the same as one table with a `kind` column,
-  because a Ray Data `map_batches` function must return a single table per batch.
+  because a Ray Data `map_batches` function returns a single table per batch: the round pairs its
+  graded table in one pass and splits the result.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -51,45 +51,17 @@ PAIRS_AND_SKIPS = pa.schema(
 # --------------------------------------------------------------------------------------- weights
 
 
-def _check_count(name: str, value: Any) -> None:
-    # bool is an int subclass; a True count is almost certainly a bug upstream.
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-
-
-def difficulty_weight(n_correct: int, n_wrong: int, n: int, alpha: float, eps: float = 1e-6) -> float:
-    """Ma et al.'s weight of one question.
+def difficulty_weights(
+    n_correct: np.ndarray, n_wrong: np.ndarray, n: np.ndarray | int, alpha: float, eps: float = 1e-6
+) -> np.ndarray:
+    """Ma et al.'s weight of each question, over arrays (broadcast together), as float64:
 
     w = 1 + α·P_e/N                          if P_c = 0
     w = max(1, 1 + α·P_e/((P_c + ε)·N))      if P_c > 0
 
     P_e counts invalid answers as wrong, so normally P_c + P_e = N; fewer is allowed (a caller may
-    count only the samples it trusts), more is not.
+    count only the samples it trusts), more is not. α ≥ 0 and ε > 0 are WeightingConfig's rules.
     """
-    _check_count("n_correct", n_correct)
-    _check_count("n_wrong", n_wrong)
-    _check_count("n", n)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if n_correct < 0:
-        raise ValueError(f"n_correct must be >= 0, got {n_correct}")
-    if n_wrong < 0:
-        raise ValueError(f"n_wrong must be >= 0, got {n_wrong}")
-    if n_correct + n_wrong > n:
-        raise ValueError(f"n_correct + n_wrong ({n_correct} + {n_wrong}) must be <= n ({n})")
-    if not alpha >= 0 or math.isinf(alpha):  # `not >=` also rejects NaN
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
-    if not eps > 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite number > 0, got {eps}")
-    if n_correct == 0:
-        return float(1.0 + alpha * n_wrong / n)
-    return float(max(1.0, 1.0 + alpha * n_wrong / ((n_correct + eps) * n)))
-
-
-def difficulty_weights(
-    n_correct: np.ndarray, n_wrong: np.ndarray, n: np.ndarray | int, alpha: float, eps: float = 1e-6
-) -> np.ndarray:
-    """`difficulty_weight` over arrays (broadcast together); returns float64 weights."""
     pc_, pe_, n_ = np.broadcast_arrays(np.asarray(n_correct), np.asarray(n_wrong), np.asarray(n))
     for name, arr in (("n_correct", pc_), ("n_wrong", pe_), ("n", n_)):
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
@@ -106,21 +78,10 @@ def difficulty_weights(
             f"n_correct + n_wrong must be <= n; at index {i}: "
             f"{pc_.flat[i]} + {pe_.flat[i]} > {n_.flat[i]}"
         )
-    if not alpha >= 0 or math.isinf(alpha):
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
-    if not eps > 0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite number > 0, got {eps}")
     pcf, pef, nf = pc_.astype(np.float64), pe_.astype(np.float64), n_.astype(np.float64)
-    # Same operation order as the scalar version so both give bit-identical floats.
     hard = 1.0 + alpha * pef / nf
     soft = np.maximum(1.0, 1.0 + alpha * pef / ((pcf + eps) * nf))
     return np.where(pc_ == 0, hard, soft).astype(np.float64)
-
-
-def _weigh(n_correct: int, n_wrong: int, n: int, weighting: WeightingConfig) -> float:
-    if weighting.scheme == "uniform":
-        return 1.0
-    return difficulty_weight(n_correct, n_wrong, n, weighting.alpha, weighting.eps)
 
 
 # ----------------------------------------------------------------------------------------- pairing
@@ -217,14 +178,6 @@ def _choose(row: dict, round: int) -> tuple[Optional[dict], Optional[dict]]:
         "rejected_count": len(members),
     }
     return pair, None
-
-
-def pair_question(row: dict, round: int, weighting: WeightingConfig) -> tuple[Optional[dict], Optional[dict]]:
-    """One GRADED row -> (PAIRS row, None) or (None, SKIPS row); exactly one is not None."""
-    pair, skip = _choose(row, round)
-    if pair is not None:
-        pair["weight"] = _weigh(pair["n_correct"], pair["n_wrong"], pair["n_samples"], weighting)
-    return pair, skip
 
 
 # ------------------------------------------------------------------------------------------ tables

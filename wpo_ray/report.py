@@ -1,4 +1,4 @@
-"""The run report (DESIGN §8): `<run>/report.html` plus PNGs in `<run>/report/`.
+"""The run report: `<run>/report.html` plus PNGs in `<run>/report/` (paths from `RunLayout`).
 
 `collect(run_dir)` reads what a run directory holds into plain Python / NumPy values (pure: it
 writes nothing); `render_html(data, images)` turns that into HTML; `write_report(run_dir)` draws
@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-IMG_DIR = "report"
+from .rundir import RunLayout
+
 BUCKET_ORDER = ("easy", "medium", "hard")
 CURVES = (("loss", "loss"), ("rewards/margin", "reward margin"), ("rewards/accuracy", "ranking accuracy"),
           ("gamma_po/margin_mean", "GammaPO target margin"))
-_ROUND_DIR = re.compile(r"^round-(\d+)$")
 _MAJ_KEY = re.compile(r"^(maj@\d+)_accuracy$")
 
 
@@ -90,14 +90,13 @@ def _get(d: Any, dotted: str) -> Any:
     return d
 
 
-def _collect_round(run: Path, r: int, stages: dict) -> dict:
-    rd = run / f"round-{r:03d}"
-    key = f"round-{r:03d}"
+def _collect_round(run: RunLayout, r: int, stages: dict) -> dict:
+    out_of = lambda name: run.output(r, name)  # noqa: E731
     missing: list[str] = []
     warnings: list[str] = []
     out: dict[str, Any] = {"round": r, "missing": missing, "warnings": warnings}
 
-    ev = rd / "eval.json"
+    ev = out_of("eval.json")
     try:
         out["eval"] = json.loads(ev.read_text()) if ev.exists() else None
     except json.JSONDecodeError as e:
@@ -105,22 +104,22 @@ def _collect_round(run: Path, r: int, stages: dict) -> dict:
         warnings.append(f"eval.json is not valid JSON ({e})")
     if not ev.exists():
         missing.append("eval.json")
-    out["done"] = (f"{key}/eval" in stages) if stages else out["eval"] is not None
+    out["done"] = (run.key(r, "eval") in stages) if stages else out["eval"] is not None
 
     if r == 0:  # the initial policy: evaluation only
         out.update(pair_weights=None, p_correct=None, metrics=None, accounting=None)
         return out
 
-    weights = _read_column(rd / "pairs", "weight")
+    weights = _read_column(out_of("pairs"), "weight")
     out["pair_weights"] = None if weights is None else weights.to_numpy(zero_copy_only=False).astype(float)
-    verdicts = _read_column(rd / "graded", "verdicts")
+    verdicts = _read_column(out_of("graded"), "verdicts")
     out["p_correct"] = None if verdicts is None else p_correct(verdicts)
-    reasons = _read_column(rd / "skips", "reason")
+    reasons = _read_column(out_of("skips"), "reason")
     for name, value in (("graded/", verdicts), ("pairs/", weights), ("skips/", reasons)):
         if value is None:
             missing.append(name)
 
-    metrics_path = rd / "train" / "metrics.jsonl"
+    metrics_path = run.metrics_file(r)
     if metrics_path.exists():
         out["metrics"], bad = _read_metrics(metrics_path)
         if bad:
@@ -133,7 +132,7 @@ def _collect_round(run: Path, r: int, stages: dict) -> dict:
 
     # Accounting: pairs and skips counted on disk; prompts in from the manifest (it includes the
     # loader's bad rows), else graded prompts + bad_row skips.
-    info = stages.get(f"{key}/pairs") or {}
+    info = stages.get(run.key(r, "pairs")) or {}
     n_pairs = len(weights) if weights is not None else info.get("pairs")
     if reasons is not None:
         n_skips = len(reasons)
@@ -161,8 +160,8 @@ def collect(run_dir: str | Path) -> dict:
     """Everything the report shows, read from `run_dir` (writes nothing)."""
     import yaml
 
-    run = Path(run_dir)
-    cfg_file = run / "config.yaml"
+    run = RunLayout(run_dir)
+    cfg_file = run.config_file
     config_text = cfg_file.read_text(encoding="utf-8", errors="replace") if cfg_file.exists() else None
     try:
         config = yaml.safe_load(config_text or "") or {}
@@ -170,15 +169,14 @@ def collect(run_dir: str | Path) -> dict:
         config = {}
     if not isinstance(config, dict):
         config = {}
-    manifest_file = run / "manifest.json"
+    manifest_file = run.manifest_file
     try:
         manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
     except json.JSONDecodeError:
         manifest = {}
     stages = (manifest.get("stages") or {}) if isinstance(manifest, dict) else {}
 
-    found = {int(m.group(1)) for p in run.glob("round-*") if p.is_dir() and (m := _ROUND_DIR.match(p.name))}
-    found |= {int(m.group(1)) for k in stages if (m := _ROUND_DIR.match(k.split("/")[0]))}
+    found = run.rounds_on_disk() | {rs[0] for k in stages if (rs := run.parse_key(k))}
     planned = _get(config, "run.rounds")
     planned = planned if isinstance(planned, int) else None
     rounds = [_collect_round(run, r, stages) for r in sorted(found | {0})]
@@ -191,7 +189,7 @@ def collect(run_dir: str | Path) -> dict:
             notes.append(f"round {r}: not started")
     maj_keys = sorted({m.group(1) for rd in rounds if rd["eval"] for k in rd["eval"] if (m := _MAJ_KEY.match(k))})
     return {
-        "run_dir": str(run),
+        "run_dir": str(run.path),
         "config_text": config_text,
         "header": {
             "loss base": _get(config, "train.loss.base"),
@@ -313,7 +311,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def _img(images: dict, key: str, alt: str) -> str:
-    return f'<img src="{IMG_DIR}/{_e(images[key])}" alt="{_e(alt)}">' if key in images else ""
+    return f'<img src="{RunLayout.REPORT_ASSETS}/{_e(images[key])}" alt="{_e(alt)}">' if key in images else ""
 
 
 def _accuracy_section(data: dict, images: dict) -> str:
@@ -433,18 +431,18 @@ def render_html(data: dict, images: dict[str, str]) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write `<run>/report.html` and its PNGs under `<run>/report/`; returns the HTML path."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():  # not a run directory: write nothing there
-        raise FileNotFoundError(f"{run.absolute()} is not a run directory (no config.yaml); "
+    run = RunLayout(run_dir)
+    if not run.config_file.is_file():  # not a run directory: write nothing there
+        raise FileNotFoundError(f"{run.path} is not a run directory (no config.yaml); "
                                 "pass the run's config, or run.dir=<run directory>")
-    data = collect(run)
-    out_dir = run / IMG_DIR
+    data = collect(run.path)
+    out_dir = run.report_assets
     out_dir.mkdir(parents=True, exist_ok=True)
     images = draw_figures(data, out_dir)
     for old in out_dir.glob("*.png"):  # figures of an earlier report that no longer apply
         if old.name not in images.values():
             old.unlink()
-    path = run / "report.html"
+    path = run.report_file
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(render_html(data, images), encoding="utf-8")
     os.replace(tmp, path)

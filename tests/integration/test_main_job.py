@@ -52,7 +52,7 @@ def test_driver_killed_after_sampling_and_mid_training_resumes(tiny_policy, tiny
     """The driver is SIGKILLed twice: once the sampling half is recorded, then in the middle of
     training (a worker held at micro-batch 3, right after the step-2 checkpoint). The third run
     resumes training from that checkpoint, never resamples, and finishes the round."""
-    from jobs.sample import run_sampling
+    from pipeline.sampling import run_sampling
     from wpo_ray.failpoints import ENV, arm, fired
     from wpo_ray.rundir import RunDir
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 
 def _run(cfg, pool=None):
-    from jobs.sample import run_sampling
+    from pipeline.sampling import run_sampling
     from wpo_ray.rundir import RunDir
 
     run = RunDir(cfg)

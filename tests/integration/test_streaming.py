@@ -15,9 +15,10 @@ pytestmark = pytest.mark.integration
 
 def test_streaming_round_trains_while_sampling_and_records_a_staged_rounds_outputs(tiny_cfg_factory, tiny_policy,
                                                                                    vllm_pool, failpoints, tmp_path):
-    from actors.train_worker import checkpoint_has_policy, ledger_file, optimizer_steps
-    from jobs.sample import run_sampling
-    from jobs.stream import run_round_streaming
+    from wpo_ray.rundir import checkpoint_has_policy, ledger_file
+    from wpo_ray.train_plan import optimizer_steps
+    from pipeline.sampling import run_sampling
+    from pipeline.streaming import run_round_streaming
     from wpo_ray.failpoints import arm, fired
     from wpo_ray.rundir import RunDir
 

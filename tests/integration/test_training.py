@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def _metrics(path):
 
 @pytest.fixture(scope="module")
 def zero2_run(ray_session, tiny_cfg_factory, tiny_policy, arithmetic_pairs, tmp_path_factory):
-    from jobs.train import run_training
+    from pipeline.training import run_training
 
     cfg = tiny_cfg_factory("train.epochs=3", "train.deepspeed.zero_stage=2", "train.lr=0.002", "train.loss.base=dpo")
     out = tmp_path_factory.mktemp("zero2")
@@ -41,7 +42,7 @@ def test_zero2_loss_goes_down_and_starts_at_ln2(zero2_run):
 
 
 def _ledger(ckpt):
-    from actors.train_worker import ledger_file
+    from wpo_ray.rundir import ledger_file
 
     return [json.loads((ckpt / ledger_file(r)).read_text()) for r in range(2)]
 
@@ -59,7 +60,7 @@ def test_worker_killed_mid_training_resumes_exactly_once(zero2_run, tiny_cfg_fac
     Exactly-once: the run ends with the same 18 steps, the same pairs applied by each rank, in
     the same order, and the same weights as the uninterrupted run (zero2_run, same config).
     """
-    from jobs.train import run_training
+    from pipeline.training import run_training
     from wpo_ray.failpoints import arm, fired
 
     _, out0, _ = zero2_run
@@ -85,7 +86,7 @@ def test_worker_killed_mid_training_resumes_exactly_once(zero2_run, tiny_cfg_fac
 
 
 def test_one_worker_runs_without_partitioning_or_all_reduce_and_matches_two_zero2_workers(
-        zero2_run, tiny_cfg_factory, tiny_policy, arithmetic_pairs, tmp_path):
+        zero2_run, tiny_cfg_factory, tiny_policy, arithmetic_pairs, tmp_path, caplog):
     """One worker skips ZeRO partitioning and the gradient all-reduce (nothing to split or average)
     and still takes the steps two ZeRO-2 workers take on the same 8 pairs per step.
 
@@ -95,7 +96,7 @@ def test_one_worker_runs_without_partitioning_or_all_reduce_and_matches_two_zero
     """
     import pyarrow.parquet as pq
 
-    from jobs.train import run_training
+    from pipeline.training import run_training
 
     _, out0, _ = zero2_run
     r0, r1 = (x[:24] for x in _ledger(out0 / "checkpoint"))  # epoch 1 of each rank, in order
@@ -107,11 +108,10 @@ def test_one_worker_runs_without_partitioning_or_all_reduce_and_matches_two_zero
 
     cfg = tiny_cfg_factory("train.epochs=3", "train.deepspeed.zero_stage=2", "train.lr=0.002", "train.loss.base=dpo",
                            "train.num_workers=1", "train.micro_batch_size=8")
-    logs = []
-    info = run_training(cfg, tmp_path / "pairs", tmp_path / "checkpoint", tiny_policy, tiny_policy, tmp_path,
-                        log=logs.append)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        info = run_training(cfg, tmp_path / "pairs", tmp_path / "checkpoint", tiny_policy, tiny_policy, tmp_path)
     assert info["steps"] == 18
-    assert any("ZeRO-0 instead of the configured 2" in x for x in logs), logs
+    assert "ZeRO-0 instead of the configured 2" in caplog.text, caplog.text
     # Stage 0: DeepSpeed writes no per-rank ZeRO optimizer partitions.
     assert not list((tmp_path / "checkpoint" / "deepspeed").rglob("*zero_pp_rank*optim_states*"))
     w, w0, start = (_weights(d) for d in (tmp_path / "checkpoint" / "policy", out0 / "checkpoint" / "policy", tiny_policy))
@@ -148,7 +148,7 @@ def test_checkpoint_loads_in_transformers_and_vllm(zero2_run, vllm_pool, tiny_po
 
 
 def test_trl_format_pairs_are_read_with_uniform_weights(ray_session, arithmetic_pairs, tiny_cfg_factory, tmp_path):
-    from jobs.train import read_pairs
+    from pipeline.training import read_pairs
     from wpo_ray.contracts import ContractError
 
     trl = _as_trl_jsonl(arithmetic_pairs, tmp_path / "trl")
@@ -173,8 +173,8 @@ def _as_trl_jsonl(pairs_dir, out_dir):
 
 def test_zero3_on_trl_format_pairs_with_reference_on_worker(ray_session, tiny_cfg_factory, tiny_policy,
                                                            arithmetic_pairs, tmp_path):
-    from actors.train_worker import checkpoint_has_policy
-    from jobs.train import run_training
+    from wpo_ray.rundir import checkpoint_has_policy
+    from pipeline.training import run_training
 
     cfg = tiny_cfg_factory("train.deepspeed.zero_stage=3", "train.reference_logps=worker")
     trl = _as_trl_jsonl(arithmetic_pairs, tmp_path / "trl")
@@ -191,7 +191,7 @@ def test_nan_weight_is_refused_before_any_worker_starts(ray_session, tiny_cfg_fa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.train import run_training
+    from pipeline.training import run_training
     from wpo_ray.contracts import ContractError
 
     table = pq.read_table(arithmetic_pairs)
@@ -209,7 +209,7 @@ def test_nan_weight_is_refused_before_any_worker_starts(ray_session, tiny_cfg_fa
 
 def test_nan_reference_logps_computed_while_the_workers_start_fail_the_run_naming_the_pair(
         ray_session, tiny_cfg_factory, tiny_policy, arithmetic_pairs, tmp_path):
-    """The RefLogp stage runs while Ray Train starts the workers (jobs.train.PairsInBackground); a
+    """The RefLogp stage runs while Ray Train starts the workers (pipeline.training.PairsInBackground); a
     reference model that gives NaN log-probs must end the run with the pairs' own error, not hang
     the workers waiting for their shards, and leave no checkpoint."""
     import shutil
@@ -217,7 +217,7 @@ def test_nan_reference_logps_computed_while_the_workers_start_fail_the_run_namin
     import torch
     from safetensors.torch import load_file, save_file
 
-    from jobs.train import run_training
+    from pipeline.training import run_training
     from wpo_ray.contracts import ContractError
 
     ref = tmp_path / "reference"

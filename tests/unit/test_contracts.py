@@ -96,7 +96,13 @@ def test_trl_format_needs_only_prompt_chosen_rejected_and_keeps_extras():
 def test_check_trainable_refuses_non_finite_or_negative_values_naming_the_pair():
     import math
 
-    from wpo_ray.contracts import check_trainable
+    from wpo_ray.contracts import untrainable_error, untrainable_rows
+
+    def check_trainable(batch, source="pairs"):  # as the training stage uses the two
+        bad = untrainable_rows(batch)
+        if bad.num_rows:
+            raise untrainable_error(bad.slice(0, 1).to_pylist()[0], bad.num_rows, source)
+        return batch
 
     def batch(**cols):
         base = {"prompt_id": ["a", "b", "c"], "weight": [1.0, 0.5, 2.0],

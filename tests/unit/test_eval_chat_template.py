@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.evaluate import run_eval, test_rows as load_test_rows
+from pipeline.evaluation import run_eval, test_rows as load_test_rows
 from wpo_ray.config import TinyModelConfig, load_config
 from wpo_ray.generation import HFSampler
 from wpo_ray.prompts import PromptDataError

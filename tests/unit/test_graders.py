@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import multiprocessing as mp
 import threading
 import time
 
@@ -14,13 +15,14 @@ from actors.grader import GraderActor
 from wpo_ray import contracts
 from wpo_ray.graders import (
     GRADERS,
+    ArithmeticGrader,
     Grade,
     MathGrader,
     arithmetic_check,
     extract_gsm8k_answer,
     get_grader,
     gsm8k_check,
-    last_boxed,
+    math_check,
     sleepy_check_for_tests,
 )
 
@@ -43,7 +45,7 @@ def test_grade_is_frozen():
         g.verdict = "wrong"
 
 
-# Each grader starts its child process on first use: share one per module for the plain cases.
+# Each grader starts its worker process on first use: share one per module for the plain cases.
 @pytest.fixture(scope="module")
 def arithmetic_grader():
     g = get_grader("arithmetic")
@@ -149,22 +151,34 @@ def test_one_bad_answer_never_fails_the_batch(gsm8k_grader):
 
 
 @pytest.mark.parametrize(
-    "text, boxed",
+    "text, extracted",
     [
         ("so \\boxed{5}.", "5"),
-        ("\\boxed{1} then \\boxed{2}", "2"),  # the last one
+        # the last box, when the one before is far from it
+        ("\\boxed{1}, but checking it again from the start the count comes out different: \\boxed{2}", "2"),
+        ("x = \\boxed{1} or x = \\boxed{2}", "1,2"),  # boxes close together: one answer, the set {1, 2}
         ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+        ("\\boxed{\\dfrac12}", "\\frac{1}{2}"),  # math_verify's normal form...
+        ("\\boxed{1/2}", "\\frac{1}{2}"),
+        ("\\boxed{0.5}", "\\frac{1}{2}"),  # ...so equal answers group as one
         ("$\\fbox{ 7 }$", "7"),
+        ("\\fbox{10}", "10"),
         ("\\boxed {x=3}", "x=3"),
-        ("\\boxed 5.", "5"),
-        ("\\boxed{\\frac{1}{2}", None),  # unbalanced
+        ("The final answer is $5$", "5"),  # an explicit final answer without a box
+        ("\\boxed 5.", None),  # math_verify reads braced boxes only
+        ("\\boxed{\\frac{1}{2}", None),  # unbalanced (a truncated response)
+        ("\\boxed{\\quad}", None),  # a box with no math in it
+        ("\\boxed{}", None),
         ("\\boxedx{3}", None),
-        ("the answer is 5", None),
+        ("We get $x = 3$, so the answer is 3", None),  # bare LaTeX or numbers are not the answer
         ("", None),
     ],
 )
-def test_last_boxed(text, boxed):
-    assert last_boxed(text) == boxed
+def test_math_answer_extraction(text, extracted):
+    g = math_check(text, "5")  # in-process: the check itself, without the worker
+    assert g.extracted == extracted, g
+    if extracted is None:
+        assert g.verdict == "invalid" and g.note
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +213,14 @@ def test_math_grader_cases(math_grader):
     golds = [g for _, g, _ in MATH_CASES]
     out = math_grader.grade_many(responses, golds)
     assert [g.verdict for g in out] == [v for _, _, v in MATH_CASES], out
-    assert out[0].extracted == "0.5"
+    assert out[0].extracted == "\\frac{1}{2}"  # math_verify's normal form of 0.5
     assert out[-2].extracted is None and "boxed" in out[-2].note
+
+
+def test_math_equal_wrong_answers_share_one_extracted_answer(math_grader):
+    out = math_grader.grade_many(["\\boxed{0.5}", "\\boxed{\\dfrac12}", "so $\\fbox{1/2}$", "\\boxed{3}"], "3")
+    assert [g.verdict for g in out] == ["wrong", "wrong", "wrong", "correct"]
+    assert len({g.extracted for g in out[:3]}) == 1
 
 
 def test_math_grader_from_another_thread(math_grader):
@@ -213,21 +233,19 @@ def test_math_grader_from_another_thread(math_grader):
 
 
 def test_math_timeout_kills_and_recovers():
-    g = MathGrader(timeout_s=0.5, check=sleepy_check_for_tests)
+    # One answer per task (max_chunk=1): every failure costs exactly one worker.
+    g = MathGrader(timeout_s=0.5, check=sleepy_check_for_tests, max_chunk=1)
     try:
         start = time.monotonic()
-        out = g.grade_many(
-            ["\\boxed{1}", "\\boxed{sleep:60}", "\\boxed{2}", "\\boxed{raise}", "\\boxed{die}", "\\boxed{2.0}"],
-            "2",
-        )
+        out = g.grade_many(["\\boxed{1}", "sleep:60", "\\boxed{2}", "raise", "die", "\\boxed{2.0}"], "2")
         elapsed = time.monotonic() - start
         assert [x.verdict for x in out] == ["wrong", "invalid", "correct", "invalid", "invalid", "correct"]
-        assert out[1] == Grade("invalid", "sleep:60", "timeout after 0.5s")
+        assert out[1] == Grade("invalid", None, "timeout after 0.5s")  # extraction ran in the killed worker
         assert out[3].note == "grader error: RuntimeError: deliberate failure"
         assert "process died" in out[4].note
         assert g.restarts == 2  # after the timeout and after the crash
         assert elapsed < 30  # the 60 s sleep was cut short
-        # a following normal call still works (same grader, fresh child)
+        # a following normal call still works (same grader, fresh worker)
         assert g("\\boxed{\\frac{4}{2}}", "2").verdict == "correct"
     finally:
         g.close()
@@ -236,11 +254,21 @@ def test_math_timeout_kills_and_recovers():
 # ------------------------------------------------------------------- hangs and crashes, any grader
 
 
-def _misbehaving(name: str, check, timeout_s: float = 0.5) -> dict:
+def _misbehaving(name: str, check, timeout_s: float = 0.5, **kwargs) -> dict:
     """get_grader kwargs for a grader whose check sleeps on "sleep:<s>", raises, or dies on "die"."""
-    return dict(timeout_s=timeout_s, check=functools.partial(sleepy_check_for_tests, check=check))
+    return dict(timeout_s=timeout_s, check=functools.partial(sleepy_check_for_tests, check=check), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "max_chunk, restarts",
+    [
+        (1, 2),  # one answer per task: one worker lost to the hang, one to the crash
+        # chunks (the first answer alone, to measure the check, then the other 5 in one task): the
+        # chunk's timeout costs a worker, then its answers are graded one per task as above
+        (None, 3),
+    ],
+    ids=["per-answer", "chunked"],
+)
 @pytest.mark.parametrize(
     "name, check, responses",
     [
@@ -249,20 +277,120 @@ def _misbehaving(name: str, check, timeout_s: float = 0.5) -> dict:
     ],
     ids=["arithmetic", "gsm8k"],
 )
-def test_hang_or_crash_on_one_answer_is_invalid_and_the_batch_goes_on(name, check, responses):
-    g = get_grader(name, **_misbehaving(name, check))
+def test_hang_or_crash_on_one_answer_is_invalid_and_the_batch_goes_on(name, check, responses, max_chunk, restarts):
+    kwargs = {"max_chunk": max_chunk} if max_chunk else {}
+    g = get_grader(name, **_misbehaving(name, check, **kwargs))
     try:
+        start = time.monotonic()
         out = g.grade_many(responses, "8")
+        assert time.monotonic() - start < 30  # the 60 s sleep was cut short
         assert [x.verdict for x in out] == ["correct", "invalid", "wrong", "invalid", "invalid", "correct"], out
         assert [x.extracted for x in out] == ["8", None, "9", None, None, "8"]
         assert out[1] == Grade("invalid", None, "timeout after 0.5s")
         assert out[3].note == "grader error: RuntimeError: deliberate failure"
         assert out[4].note.startswith(f"grader error: {name} grader process died"), out[4].note
         assert "exit code 3" in out[4].note
-        assert g.restarts == 2  # after the timeout and after the crash
+        assert g.restarts == restarts
         assert g("8", "8").verdict == "correct"  # the same grader goes on grading
     finally:
         g.close()
+
+
+def test_a_crash_inside_a_big_chunk_is_put_on_the_right_answer():
+    g = get_grader("arithmetic", **_misbehaving("arithmetic", arithmetic_check))
+    try:
+        responses = [str(i) for i in range(300)]
+        responses[150] = "die"
+        responses[250] = "raise"
+        out = g.grade_many(responses, "7")
+        assert [i for i, x in enumerate(out) if x.verdict == "invalid"] == [150, 250]
+        assert "process died" in out[150].note and "deliberate failure" in out[250].note
+        assert out[7] == Grade("correct", "7") and out[299] == Grade("wrong", "299")
+        assert g.restarts == 2  # the chunk's crash, then the answer's own when graded alone
+    finally:
+        g.close()
+
+
+class _NeverStarts(ArithmeticGrader):
+    warmup = staticmethod(functools.partial(time.sleep, 60))  # run in each new worker before any answer
+
+
+def test_a_worker_that_cannot_start_makes_the_batch_invalid_not_the_caller_fail():
+    g = _NeverStarts(startup_timeout_s=1.0)
+    try:
+        start = time.monotonic()
+        out = g.grade_many(["1", "2"], "1")
+        assert time.monotonic() - start < 30
+        note = "grader error: arithmetic grader process did not start within 1s"
+        assert out == [Grade("invalid", None, note)] * 2
+    finally:
+        g.close()
+
+
+def test_a_broken_pool_is_replaced_and_only_the_running_answer_is_blamed(monkeypatch):
+    # pebble breaks its pool (every pending task fails with BrokenProcessPool) when the worker dies
+    # before the parent has seen its task start; that race is hard to provoke, so fake that pool.
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    class BrokenPool:
+        def schedule(self, *args, **kwargs):
+            f = Future()
+            f.set_exception(BrokenProcessPool("All workers expired"))
+            return f
+
+        def stop(self):
+            pass
+
+        def join(self):
+            pass
+
+    g = get_grader("arithmetic", max_chunk=1)
+    try:
+        real_get_pool = g._get_pool
+        pools = iter([BrokenPool()])
+        monkeypatch.setattr(g, "_get_pool", lambda: next(pools, None) or real_get_pool())
+        out = g.grade_many(["1", "2", "3"], "2")
+        assert out[0].verdict == "invalid" and "process died" in out[0].note, out[0]
+        assert out[1:] == [Grade("correct", "2"), Grade("wrong", "3")]
+        assert g.restarts == 1
+    finally:
+        g.close()
+
+
+def _grader_workers() -> set:
+    return {p.pid for p in mp.active_children() if p.name == "pebble_pool_worker"}
+
+
+def test_worker_starts_lazily_and_close_releases_it():
+    before = _grader_workers()
+    g = get_grader("arithmetic")
+    try:
+        assert _grader_workers() == before  # nothing started yet
+        assert g("3", "3").verdict == "correct"
+        started = _grader_workers() - before
+        assert len(started) == 1
+        g.close()
+        assert not started & _grader_workers()  # the worker is gone
+        assert g("4", "3").verdict == "wrong"  # the next call starts a new one
+    finally:
+        g.close()
+
+
+def test_grader_called_from_several_threads_at_once(arithmetic_grader):
+    results = {}
+
+    def grade(k):
+        results[k] = arithmetic_grader.grade_many([str(k + i) for i in range(50)], str(k))
+
+    threads = [threading.Thread(target=grade, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for k in range(4):
+        assert [x.verdict for x in results[k]] == ["correct"] + ["wrong"] * 49
+        assert [x.extracted for x in results[k]] == [str(k + i) for i in range(50)]
 
 
 def test_grader_actor_puts_a_timeout_note_into_grade_notes():

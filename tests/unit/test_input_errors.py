@@ -2,7 +2,7 @@
 and a damaged recorded checkpoint exit 1 with the file and line (or the path and what is missing),
 writing nothing.
 
-`wpo_ray.cli.main` runs `preflight` (every cheap input check) before `_dispatch` (the bootstrap, Ray,
+`jobs.cli.main` runs `preflight` (every cheap input check) before `_dispatch` (the bootstrap, Ray,
 the engines), so an input refused here is refused before anything heavy starts. Nothing is stubbed:
 a test that got past the preflight would start the real thing and fail on another message.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from wpo_ray.bootstrap import check_policy_dir
-from wpo_ray.cli import _parser, _split_config, main, preflight
+from jobs.cli import _parser, _split_config, main, preflight
 from wpo_ray.config import load_config
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -210,7 +210,7 @@ def test_resume_rechecks_a_recorded_checkpoint_before_using_it(tmp_path, capsys,
     from wpo_ray.rundir import RunDir
 
     args = [f"model.path={fake_policy(tmp_path / 'policy')}", f"run.dir={tmp_path / 'run'}", "run.rounds=1"]
-    run = RunDir(load_config(None, args), log=lambda *_: None)
+    run = RunDir(load_config(None, args))
     for r, stage in ((0, "eval"), (1, "train"), (1, "eval")):
         run.mark_done(r, stage)
     ckpt = fake_policy(run.round_dir(1) / "checkpoint" / "policy", weights=() if damaged else ("model.safetensors",))

@@ -1,8 +1,9 @@
-"""The k8s/ manifests against the KubeRay CRD schemas (DESIGN §9), so that a misspelt field or a
-wrong type fails here instead of at deploy time.
+"""The k8s/ manifests against the KubeRay CRD schemas (docs/DESIGN.md, Deployment), so that a
+misspelt field or a wrong type fails here instead of at deploy time.
 
-The CRDs (`ray.io_rayclusters.yaml`, `ray.io_rayjobs.yaml`) live in `shared/kuberay-crds/` beside
-the repository, or wherever WPO_KUBERAY_CRDS points. Their `openAPIV3Schema` is a Kubernetes
+The CRDs (`ray.io_rayclusters.yaml`, `ray.io_rayjobs.yaml`) are kept in `tests/data/kuberay-crds/`
+(source and KubeRay version in its README.md); WPO_KUBERAY_CRDS may point at another directory
+holding the same two files. Their `openAPIV3Schema` is a Kubernetes
 *structural* schema, which plain jsonschema reads too leniently; `k8s_to_jsonschema` turns it into
 what the API server enforces under strict field validation (`kubectl apply --validate=strict`):
 
@@ -38,6 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 MANIFESTS = {"RayCluster": K8S / "raycluster.yaml", "RayJob": K8S / "rayjob.yaml"}
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+# The KubeRay CRDs the manifests are checked against; tests/data/kuberay-crds/README.md says which.
+CRD_DIR = REPO / "tests" / "data" / "kuberay-crds"
 KINDS = sorted(MANIFESTS)
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 2 MB: libyaml keeps this fast
@@ -184,13 +187,13 @@ def make_validator(openapi_schema: dict) -> jsonschema.protocols.Validator:
 
 def crd_dir() -> Path:
     env = os.environ.get("WPO_KUBERAY_CRDS")
-    where = Path(env) if env else REPO / ".." / "shared" / "kuberay-crds"
+    where = Path(env) if env else CRD_DIR
     if not where.is_dir():
         pytest.fail(
             f"KubeRay CRD schemas not found at {where.resolve()} "
-            f"({'from WPO_KUBERAY_CRDS' if env else 'shared/kuberay-crds/ beside the repository'}). "
-            "Check out shared/ next to the repo, or set WPO_KUBERAY_CRDS to the directory holding "
-            f"{' and '.join(CRD_FILES.values())}.",
+            f"({'from WPO_KUBERAY_CRDS' if env else 'the copy kept in the repository'}). "
+            f"Restore {CRD_DIR.relative_to(REPO)}/ from git, or set WPO_KUBERAY_CRDS to a directory "
+            f"holding {' and '.join(CRD_FILES.values())}.",
             pytrace=False,
         )
     return where
@@ -353,6 +356,15 @@ def test_converter_closes_objects_and_handles_k8s_extensions():
     assert not ok({"policy": "a"})  # a CEL rule we cannot evaluate is reported, not ignored
     with pytest.raises(ValueError, match="x-kubernetes-new-thing"):
         k8s_to_jsonschema({"type": "object", "x-kubernetes-new-thing": True})
+
+
+def test_crd_schemas_are_kept_in_the_repository():
+    """The default CRD directory is inside the repository, so a fresh clone runs these tests."""
+    assert CRD_DIR.resolve().is_relative_to(REPO), CRD_DIR
+    for name in CRD_FILES.values():
+        assert (CRD_DIR / name).is_file(), f"{CRD_DIR / name} is missing"
+    readme = (CRD_DIR / "README.md").read_text(encoding="utf-8")
+    assert "ray-project/kuberay" in readme, "the CRD README must say where the schemas come from"
 
 
 # ------------------------------------------------------------------------------ schema validation

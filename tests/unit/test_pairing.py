@@ -1,4 +1,4 @@
-"""Unit tests of wpo_ray.pairing: Ma et al. weights and the pair / skip choice (DESIGN §5)."""
+"""Unit tests of wpo_ray.pairing: Ma et al. weights and the pair / skip choice (docs/DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from wpo_ray.config import WeightingConfig
 from wpo_ray.pairing import (
     PAIRS_AND_SKIPS,
     build_pairs,
-    difficulty_weight,
     difficulty_weights,
-    pair_question,
     pairs_and_skips_batch,
     skip_record,
     split_pairs_and_skips,
@@ -38,6 +36,18 @@ def row(samples, prompt="What is 6*7?", gold_answer="42", gold_solution="6*7 = 4
         "response_lengths": [s[4] for s in samples],
         "grade_notes": [None for _ in samples],
     }
+
+
+def difficulty_weight(n_correct, n_wrong, n, alpha, eps=1e-6) -> float:
+    """One question's weight through the vectorised function the pipeline uses."""
+    return float(difficulty_weights(np.array([n_correct]), np.array([n_wrong]), np.array([n]), alpha, eps)[0])
+
+
+def pair_question(r: dict, round: int, weighting: WeightingConfig):
+    """One GRADED row through build_pairs: (pair, None) or (None, skip), as dicts."""
+    pairs, skips = build_pairs(contracts.from_rows([r], "graded"), round, weighting)
+    assert pairs.num_rows + skips.num_rows == 1
+    return (pairs.to_pylist() or [None])[0], (skips.to_pylist() or [None])[0]
 
 
 # ------------------------------------------------------------------------------------------ weight
@@ -95,8 +105,6 @@ def test_weight_eps_effect():
         ((-1, 2, 2, 1.0), "n_correct"),
         ((1, -1, 2, 1.0), "n_wrong"),
         ((2, 1, 2, 1.0), "n_correct \\+ n_wrong"),
-        ((1, 1, 2, -0.5), "alpha"),
-        ((1, 1, 2, float("nan")), "alpha"),
         ((1.5, 1, 3, 1.0), "n_correct"),
     ],
 )
@@ -105,14 +113,13 @@ def test_weight_validation(args, name):
         difficulty_weight(*args)
 
 
-def test_weight_eps_validation():
-    with pytest.raises(ValueError, match="eps"):
-        difficulty_weight(1, 1, 2, 1.0, eps=0.0)
-    with pytest.raises(ValueError, match="eps"):
-        difficulty_weights(np.array([1]), np.array([1]), 2, 1.0, eps=-1.0)
+@pytest.mark.parametrize("key, value", [("alpha", -0.5), ("alpha", float("nan")), ("eps", 0.0), ("eps", -1.0)])
+def test_alpha_and_eps_are_the_config_s_rule(key, value):
+    with pytest.raises(ValueError, match=key):
+        WeightingConfig(**{key: value})
 
 
-def test_vectorised_equals_scalar_on_random_grid():
+def test_vectorised_matches_the_formula_on_random_grid():
     rng = np.random.default_rng(0)
     n = rng.integers(1, 33, size=500)
     pc = rng.integers(0, n + 1)
@@ -121,9 +128,10 @@ def test_vectorised_equals_scalar_on_random_grid():
     pe[50:100] = 0  # and the clamp branch
     for alpha, eps in [(1.0, 1e-6), (0.0, 1e-6), (2.5, 0.3), (0.7, 1e-3)]:
         vec = difficulty_weights(pc, pe, n, alpha, eps)
-        scalar = np.array([difficulty_weight(int(a), int(b), int(c), alpha, eps) for a, b, c in zip(pc, pe, n)])
+        by_hand = [1 + alpha * b / c if a == 0 else max(1.0, 1 + alpha * b / ((a + eps) * c))
+                   for a, b, c in zip(pc.tolist(), pe.tolist(), n.tolist())]
         assert vec.dtype == np.float64 and vec.shape == (500,)
-        np.testing.assert_array_equal(vec, scalar)  # bit-identical, not merely close
+        np.testing.assert_allclose(vec, by_hand, rtol=1e-12, atol=0)
 
 
 def test_vectorised_broadcasts_scalar_n_and_validates():
@@ -427,7 +435,7 @@ def test_build_pairs_uniform_and_chunked_input():
 
 
 def test_build_pairs_empty_table():
-    pairs, skips = build_pairs(contracts.empty("graded"), 0, DIFF)
+    pairs, skips = build_pairs(contracts.GRADED.empty_table(), 0, DIFF)
     assert len(pairs) == 0 and len(skips) == 0
     assert pairs.schema.equals(contracts.PAIRS) and skips.schema.equals(contracts.SKIPS)
 
@@ -479,7 +487,7 @@ def test_determinism():
 
 
 def test_accounting_refuses_a_lost_or_duplicated_prompt():
-    from jobs.sample import AccountingError, check_accounting
+    from wpo_ray.contracts import AccountingError, check_accounting
 
     check_accounting(1, 10, 7, 3)  # every prompt became one pair or one skip
     with pytest.raises(AccountingError, match="round 2: 10 prompts in but 6 pairs \\+ 3 skips out"):

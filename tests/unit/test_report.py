@@ -1,4 +1,4 @@
-"""Unit tests of wpo_ray.report on a small synthetic run directory (DESIGN §8).
+"""Unit tests of wpo_ray.report on a small synthetic run directory (docs/DESIGN.md).
 
 The run: round 0 (initial eval), round 1 complete, round 2 with graded/pairs/skips but no training
 and no eval yet, and a manifest whose round-2 prompt count breaks the accounting invariant.

@@ -15,7 +15,7 @@ import pytest
 from wpo_ray.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = sorted(p for d in ("wpo_ray", "actors", "jobs") for p in (ROOT / d).rglob("*.py"))
+SOURCES = sorted(p for d in ("wpo_ray", "actors", "pipeline", "jobs") for p in (ROOT / d).rglob("*.py"))
 
 
 @functools.cache
@@ -44,7 +44,7 @@ def test_trust_remote_code_is_off_by_default_and_in_every_shipped_config():
 
 def test_every_hf_loader_is_told_trust_remote_code_explicitly():
     sites = list(_calls("from_pretrained"))
-    assert len(sites) >= 3  # tokenizer + model in load_hf_policy, the train worker, chat templating
+    assert len(sites) >= 3  # tokenizer + model in load_hf_policy, chat templating (sampling, eval)
     missing = [f"{p}:{n.lineno}" for p, n in sites if "trust_remote_code" not in {k.arg for k in n.keywords}]
     assert not missing, f"from_pretrained without trust_remote_code=: {missing}"
 
@@ -77,7 +77,7 @@ def test_no_pickle_and_no_unguarded_torch_load():
 @pytest.mark.parametrize("override, key", [("train.loss.beta=-1", "train.loss.beta"),
                                            ("sampling.nn=4", "sampling.nn")])
 def test_cli_config_errors_exit_2_naming_the_key(override, key, capsys):
-    from wpo_ray.cli import main
+    from jobs.cli import main
 
     assert main(["run", str(ROOT / "configs" / "tiny-cpu.yaml"), override]) == 2
     err = capsys.readouterr().err
@@ -85,7 +85,7 @@ def test_cli_config_errors_exit_2_naming_the_key(override, key, capsys):
 
 
 def test_cli_report_on_a_missing_run_dir_exits_1(tmp_path, capsys):
-    from wpo_ray.cli import main
+    from jobs.cli import main
 
     code = main(["report", f"run.dir={tmp_path / 'nope'}"])
     err = capsys.readouterr().err

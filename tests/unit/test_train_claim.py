@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.train import claim_work_dir
+from pipeline.training import claim_work_dir
 from tests.conftest import ROOT
 from wpo_ray.config import load_config
 from wpo_ray.rundir import RunDirError

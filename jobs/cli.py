@@ -1,14 +1,18 @@
 """`wpo-ray` command line: run | bootstrap | sample | train | eval | report.
 
 Every verb takes a YAML config and dotted overrides: `wpo-ray run configs/tiny-cpu.yaml train.loss.beta=0.2`.
+The `jobs/<verb>.py` entry points (for `ray job submit`) call `main` with their verb.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.loss.beta=0.2")
         sp.add_argument("--config", dest="config_opt", metavar="PATH", help="same as the positional config")
+        sp.add_argument("-v", "--verbose", action="store_true",
+                        help="Ray's own logs and every worker's output on the console too (same as ray.verbose=true)")
         return sp
 
     verb("run", "iterative rounds end to end: bootstrap if needed, sample, grade, pair, train, evaluate").add_argument(
@@ -50,7 +56,9 @@ def _split_config(args) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from .config import ConfigError, load_config
+    from wpo_ray.config import ConfigError, load_config
+    from wpo_ray.logs import add_log_file, setup_console
+    from wpo_ray.rundir import RunLayout
 
     # No network at run time: transformers must never try the hub (inherited by Ray's processes).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,13 +66,18 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     config, overrides = _split_config(args)
+    if args.verbose:
+        overrides.append("ray.verbose=true")
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:
         print(f"wpo-ray: {e}", file=sys.stderr)
         return 2
+    setup_console(cfg.ray.verbose)
     try:
         run = preflight(args, cfg)
+        if args.verb != "report":
+            add_log_file(RunLayout(cfg.run.dir).log_file)
         return _dispatch(args, cfg, run)
     except KeyboardInterrupt:
         print("wpo-ray: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -83,9 +96,8 @@ def check_prompt_data(cfg, splits: tuple[str, ...]) -> None:
     """
     if cfg.data.source == "arithmetic":  # generated in code: nothing to check
         return
-    from jobs.evaluate import test_rows
-
-    from .prompts import load_prompts
+    from pipeline.evaluation import test_rows
+    from wpo_ray.prompts import load_prompts
 
     plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"chat_template": False})})
     if "train" in splits:
@@ -102,14 +114,13 @@ def preflight(args, cfg):
     path, and nothing is written but (for run and sample) the run directory's config. Returns the
     opened run directory for run and sample (`--fresh` applied), else None.
     """
-    from .bootstrap import check_policy_dir
-    from .rundir import RunDir
+    from wpo_ray.bootstrap import check_policy_dir
+    from wpo_ray.contracts import pairs_files
+    from wpo_ray.rundir import RunDir
 
     run = None
     if args.verb == "train":
-        from jobs.train import _pairs_files
-
-        _pairs_files(Path(args.pairs))
+        pairs_files(Path(args.pairs))
     if args.verb == "sample":
         run = RunDir(cfg)
         if not run.done(args.round, "prompts"):
@@ -127,7 +138,7 @@ def preflight(args, cfg):
         check_prompt_data(cfg, splits)
         for r in rounds:  # recorded, but may have been damaged since: fail here, not inside vLLM
             if run.done(r, "train"):
-                check_policy_dir(run.round_dir(r) / "checkpoint" / "policy", f"round {r} checkpoint")
+                check_policy_dir(run.policy_dir(r), f"round {r} checkpoint")
     if args.verb == "eval" and args.model:
         check_policy_dir(args.model, "--model")
     elif args.verb in ("run", "sample", "eval", "train") and cfg.model.path != "builtin:tiny":
@@ -137,40 +148,54 @@ def preflight(args, cfg):
 
 def _dispatch(args, cfg, run) -> int:
     """The verb's work, after `preflight` has checked its input."""
-    from .bootstrap import resolve_policy, run_bootstrap
+    from wpo_ray.bootstrap import resolve_policy, run_bootstrap
+    from wpo_ray.cluster import init_ray
 
     if args.verb == "bootstrap":
         run_bootstrap(cfg, force=args.force)
         return 0
     if args.verb == "sample":
-        from jobs.sample import run_sampling
+        from pipeline.sampling import run_sampling
 
-        from .cluster import init_ray
-
-        policy = resolve_policy(cfg)
+        # Round N samples the policy round N - 1 trained (the initial one for round 1).
+        prev = args.round - 1
+        policy = str(run.policy_dir(prev)) if prev >= 1 and run.done(prev, "train") else resolve_policy(cfg)
         init_ray(cfg.ray)
         run_sampling(cfg, run, args.round, policy)
         return 0
     if args.verb == "eval":
-        from jobs.evaluate import run_eval
+        from pipeline.evaluation import run_eval
 
         result = run_eval(cfg, str(Path(args.model).absolute()) if args.model else resolve_policy(cfg))
         print(json.dumps(result, indent=2))
         return 0
     if args.verb == "train":
-        from jobs.train import main_train
+        from pipeline.training import run_training
+        from wpo_ray.rundir import commit, temp_path
 
-        return main_train(cfg, args.pairs, args.output)
+        policy = resolve_policy(cfg)
+        init_ray(cfg.ray)
+        out = (Path(args.output) if args.output else Path(cfg.run.dir) / "train" / "checkpoint").absolute()
+        tmp = temp_path(out)  # `out` appears only complete
+        run_training(cfg, args.pairs, tmp, policy, policy, out.parent)
+        commit(tmp, out)
+        log.info("[train] checkpoint: %s", out)
+        return 0
     if args.verb == "run":
-        from jobs.run import run_rounds
+        from pipeline.round import run_rounds
 
-        return run_rounds(cfg, fresh=False)  # preflight applied --fresh
+        return run_rounds(cfg, run)
     if args.verb == "report":
-        from .report import write_report
+        from wpo_ray.report import write_report
 
         print(write_report(cfg.run.dir))
         return 0
     raise AssertionError(args.verb)
+
+
+def entry(verb: str):
+    """`main` of a `jobs/<verb>.py` entry point: the CLI with that verb."""
+    return lambda argv=None: main([verb, *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

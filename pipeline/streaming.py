@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -36,10 +37,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actors.train_worker import METRICS_FILE
+from pipeline.sampling import grade_stage, pairs_stage, prompts_stage, sample_stage, write_parquet
+from pipeline.training import run_training
 from wpo_ray import contracts
+from wpo_ray.cluster import data_context
 from wpo_ray.config import Config, WeightingConfig
 from wpo_ray.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 PARTS = "stream.tmp"
 
@@ -62,50 +67,46 @@ def persist_and_pair(batch: pa.Table, out_dir: str, round_idx: int, weighting: d
 
 
 def run_round_streaming(cfg: Config, run: RunDir, r: int, policy_path: str, reference_path: str, pool,
-                        log=print) -> dict:
-    """Sample, grade, pair and train round r in one pipeline; record its stages; return train info."""
+                        checkpoint_dir: Path) -> dict:
+    """Sample, grade, pair and train round r in one pipeline, writing the checkpoint to
+    `checkpoint_dir`; record the sampling-half stages; return the training's record."""
     import ray.data
 
-    from jobs.sample import commit_pairs, ensure_prompts, grade_stage, sample_stage, _write
-    from jobs.train import run_training
-    from wpo_ray.cluster import data_context
-
     data_context()
-    rd = run.round_dir(r)
-    n_prompts = ensure_prompts(cfg, run, r, policy_path, log)
-    parts = rd / PARTS
+    n_prompts = prompts_stage(cfg, run, r, policy_path)
+    parts = run.round_dir(r) / PARTS
     shutil.rmtree(parts, ignore_errors=True)
-    pool.load_weights(policy_path, log)
+    pool.load_weights(policy_path)
     t0 = time.time()
-    log(f"[round {r}] streaming: {n_prompts} prompts x {cfg.sampling.n} samples flow through the graders into "
-        f"{cfg.train.num_workers} training worker(s) as they are sampled")
+    log.info("[round %d] streaming: %d prompts x %d samples flow through the graders into %d training worker(s) "
+             "as they are sampled", r, n_prompts, cfg.sampling.n, cfg.train.num_workers)
     # One block per sampling batch: a map task emits its output when its input block is done, so
     # a single block of all prompts would reach the trainers only once everything is sampled.
-    table, bs = pq.read_table(rd / "prompts" / "prompts.parquet"), cfg.sampling.batch_size
+    table, bs = pq.read_table(run.output(r, "prompts") / "prompts.parquet"), cfg.sampling.batch_size
     prompts = ray.data.from_arrow([table.slice(i, bs) for i in range(0, max(len(table), 1), bs)])
     pairs = grade_stage(sample_stage(prompts, cfg, pool, r, policy_path), cfg).map_batches(
         persist_and_pair, fn_kwargs=dict(out_dir=str(parts), round_idx=r, weighting=cfg.weighting.model_dump()),
         # No CPU reserved: it only writes small files, and a reservation would keep the RefLogp actor
         # from starting until sampling ends (measured). Batch size: Ray's default waits for 1024 rows.
         batch_size=cfg.sampling.batch_size, batch_format="pyarrow", num_cpus=0)
-    info = run_training(cfg, None, rd / "checkpoint", policy_path, reference_path, rd / "train", log=log,
+    info = run_training(cfg, None, checkpoint_dir, policy_path, reference_path, run.train_dir(r),
                         stream=(pairs, n_prompts))
 
     # How long training and sampling ran at once: from the first optimizer step to the last pairs.
     last_pairs = max((f.stat().st_mtime for f in (parts / "pairs").glob("*.parquet")), default=t0)
-    first_step = next((json.loads(x)["time"] for x in (rd / "train" / METRICS_FILE).read_text().splitlines()
-                       if x.strip()), None)
+    first_step = next((json.loads(x)["time"] for x in run.metrics_file(r).read_text().splitlines() if x.strip()),
+                      None)
     info["overlap_seconds"] = round(last_pairs - first_step, 1) if first_step else 0.0
 
     # The parts become the round's stage outputs, exactly as a staged round writes them.
     for stage, schema in (("samples", contracts.SAMPLES), ("graded", contracts.GRADED)):
-        rows = _write(ray.data.read_parquet(str(parts / stage)).sort("prompt_id"), run, r, stage, schema)
-        run.mark_done(r, stage, rows=rows, seconds=round(time.time() - t0, 1), policy=policy_path,
-                      backend=cfg.sampling.backend, overlap="streaming")
-    commit_pairs(run, r, ray.data.read_parquet(str(parts / "pairs")), ray.data.read_parquet(str(parts / "skips")), t0)
+        run.stage(r, stage, lambda out, stage=stage, schema=schema: dict(
+            rows=write_parquet(ray.data.read_parquet(str(parts / stage)).sort("prompt_id"), out(stage), schema),
+            policy=policy_path, backend=cfg.sampling.backend, overlap="streaming"))
+    pairs_stage(run, r, lambda: (ray.data.read_parquet(str(parts / "pairs")), ray.data.read_parquet(str(parts / "skips"))))
     shutil.rmtree(parts, ignore_errors=True)
     info["pairs"] = run.done(r, "pairs")["pairs"]
     info["overlap"] = "streaming"
-    log(f"[round {r}] streamed round done in {time.time() - t0:.1f}s: {info['pairs']} pairs, {info['steps']} steps; "
-        f"training ran alongside sampling for {info['overlap_seconds']}s")
+    log.info("[round %d] streamed round done in %.1fs: %d pairs, %d steps; training ran alongside sampling for %ss",
+             r, time.time() - t0, info["pairs"], info["steps"], info["overlap_seconds"])
     return info

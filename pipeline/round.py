@@ -1,0 +1,87 @@
+"""The main job, top to bottom: iterative weighted preference rounds, resumable, ending with a report.
+
+    round 0:  evaluate the initial policy
+    round r:  prompts → samples (vLLM engines) → graded (grader actors) → pairs + skips (weights)
+              → reference log-probs (RefLogp actors) → DeepSpeed workers → checkpoint → evaluate;
+              the engines take the new policy in place for round r + 1
+
+Every stage goes through the run directory's stage protocol (`RunDir.stage`): a finished stage is
+recorded in the manifest and never recomputed, so rerunning the same command resumes at the first
+unfinished one. `run.overlap=streaming` runs a round's sampling half and training as one Ray Data
+pipeline (pipeline/streaming.py); staged (the default) finishes the sampling half first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeline.evaluation import accuracy_table, eval_stage
+from pipeline.sampling import run_sampling
+from pipeline.streaming import run_round_streaming
+from pipeline.training import run_training
+from wpo_ray.config import Config
+from wpo_ray.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class LazySamplers:
+    """The run's sampler engines, started on first use (a resumed run that only writes its report
+    starts none) and shut down at the end."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.pool = cfg, None
+
+    def __call__(self, policy: str):
+        if self.pool is None:
+            from actors.sampler import SamplerPool
+
+            self.pool = SamplerPool(self.cfg, policy)
+        return self.pool
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, samplers: LazySamplers) -> None:
+    """Round r's sampling half and training, recorded as the `train` stage (its checkpoint)."""
+
+    def produce(out) -> dict:
+        if cfg.run.overlap == "streaming" and not run.done(r, "pairs"):
+            return run_round_streaming(cfg, run, r, policy, reference, samplers(policy), out("checkpoint"))
+        # Staged, or a streamed round whose pairs were recorded before its training was.
+        run_sampling(cfg, run, r, policy, pool=samplers(policy))
+        return run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference, run.train_dir(r))
+
+    run.stage(r, "train", produce, outputs=("checkpoint",))
+
+
+def run_rounds(cfg: Config, run: RunDir) -> int:
+    from wpo_ray.bootstrap import resolve_policy
+    from wpo_ray.cluster import init_ray
+    from wpo_ray.report import write_report
+
+    t_start = time.time()
+    log.info("[run] %s (%d round(s), loss %s, weighting %s, reference policy: %s, overlap: %s)", run.path,
+             cfg.run.rounds, cfg.train.loss.base, cfg.weighting.scheme, cfg.run.reference, cfg.run.overlap)
+    initial = resolve_policy(cfg)
+    init_ray(cfg.ray)
+    samplers = LazySamplers(cfg)
+    try:
+        if not run.done(0, "eval"):
+            eval_stage(cfg, run, 0, initial, samplers(initial))
+        policy = initial
+        for r in range(1, cfg.run.rounds + 1):
+            reference = initial if cfg.run.reference == "initial" else policy
+            train_round(cfg, run, r, policy, reference, samplers)
+            policy = str(run.policy_dir(r))
+            if not run.done(r, "eval"):
+                eval_stage(cfg, run, r, policy, samplers(policy))
+    finally:
+        samplers.shutdown()
+    report = write_report(run.path)
+    log.info("\n%s", accuracy_table(cfg, run, run.manifest))
+    log.info("\n[run] done in %.0fs; report: %s", time.time() - t_start, report)
+    return 0

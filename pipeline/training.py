@@ -1,0 +1,320 @@
+"""The second half of a round: pairs → reference log-probs → DeepSpeed workers on Ray Train → checkpoint.
+
+The pairs are read with Ray Data and checked for values that would poison the optimizer before
+any worker starts. They then get their reference log-probs from the RefLogp actor pool (when
+precomputed) and are materialised in Ray's object store (not in the driver) by a driver thread,
+while Ray Train starts the workers (`PairsInBackground`). Each worker reads a fixed shard
+(`FixedShards`): the same rows in the same order on every (re)start, which is what makes resuming
+exactly-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.train
+
+from wpo_ray import contracts
+from wpo_ray.config import Config
+from wpo_ray.contracts import pairs_files
+from wpo_ray.rundir import METRICS_FILE, STATE_FILE, RunDirError, atomic_write_text, checkpoint_has_policy
+from wpo_ray.train_plan import expected_total_steps, train_max_length, zero_stage
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "train_job.json"
+
+
+class FixedShards(ray.train.DataConfig):
+    """Split the (materialised) pairs into equal contiguous shards, the same on every (re)start.
+
+    Ray's default, `streaming_split`, hands blocks to whichever worker asks first, so after a
+    restart a worker's shard may hold other pairs, and skipping the micro-batches it had already
+    applied would skip the wrong ones. Equal sizes keep DeepSpeed's collectives in step.
+    """
+
+    def __init__(self, pairs_mailbox=None):
+        super().__init__()
+        self.pairs_mailbox = pairs_mailbox
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        # Ray Train calls this when rank 0 first asks for its shard, i.e. once the workers have
+        # loaded the model and built the DeepSpeed engine. The mailbox hands over the driver's
+        # materialised copy of the (single) dataset instead of running its stages again here.
+        if self.pairs_mailbox is not None:
+            datasets = {name: _receive_pairs(self.pairs_mailbox) for name in datasets}
+        return [{name: shard.iterator() for name, shard in zip(datasets, shards)}
+                for shards in zip(*(ds.split(world_size, equal=True) for ds in datasets.values()))]
+
+
+def refuse_untrainable(ds, source: str) -> None:
+    """ContractError naming the first pair whose weight or reference log-prob is NaN, infinite or
+    (for a weight) negative: one such value poisons the optimizer state."""
+    bad = ds.map_batches(contracts.untrainable_rows, batch_format="pyarrow").materialize()
+    n_bad = bad.count()
+    if n_bad:
+        raise contracts.untrainable_error(bad.take(1)[0], n_bad, source)
+
+
+def refuse_untrainable_input(source: str | Path, ds) -> None:
+    """refuse_untrainable on the pairs as given, before anything starts. Parquet is checked here,
+    a few columns and one batch at a time (milliseconds, no Ray Data job to start); JSON Lines
+    through `ds`."""
+    files, fmt = pairs_files(Path(source))
+    if fmt != "parquet":
+        return refuse_untrainable(ds, str(source))
+    wanted = {"prompt_id", "weight", *(f.name for f in contracts.REF_LOGP_FIELDS)}
+    first, n_bad = None, 0
+    for f in files:
+        pf = pq.ParquetFile(f)
+        for batch in pf.iter_batches(batch_size=65536, columns=[c for c in pf.schema_arrow.names if c in wanted]):
+            bad = contracts.untrainable_rows(pa.Table.from_batches([batch]))
+            n_bad += bad.num_rows
+            first = first or (bad.slice(0, 1).to_pylist()[0] if bad.num_rows else None)
+    if n_bad:
+        raise contracts.untrainable_error(first, n_bad, str(source))
+
+
+@ray.remote(num_cpus=0)
+class _PairsMailbox:
+    """Holds ("ready", dataset) or ("failed", message) once the driver thread has it."""
+
+    def __init__(self):
+        self._ready, self._value = asyncio.Event(), None
+
+    async def put(self, value) -> None:
+        self._value = value
+        self._ready.set()
+
+    async def get(self):
+        await self._ready.wait()
+        return self._value
+
+
+def _receive_pairs(mailbox):
+    """The materialised pairs, once the driver thread has them (blocks until then)."""
+    state, value = ray.get(mailbox.get.remote())
+    if state == "failed":
+        raise RuntimeError(f"the pairs could not be prepared for training: {value}")
+    return value
+
+
+class PairsInBackground:
+    """Materialise the pairs (the RefLogp stage included) on a driver thread while Ray Train starts.
+
+    The RefLogp actor's start-up and compute then overlap the start of the trainer and its
+    workers (model loading, DeepSpeed engine) instead of preceding them: ~10 s of each on the tiny
+    CPU config. `FixedShards(pairs.mailbox)` takes the result when the workers ask for their
+    shards; it is the same dataset on every (re)start of the workers, as exactly-once needs.
+    """
+
+    def __init__(self, ds, source: str, check: bool):
+        self.dataset, self.error = None, None  # the driver keeps the materialised blocks' owner reference
+        self.mailbox = _PairsMailbox.remote()
+        self._thread = threading.Thread(target=self._prepare, args=(ds, source, check), daemon=True,
+                                        name="prepare-pairs")
+        self._thread.start()
+
+    def _prepare(self, ds, source: str, check: bool) -> None:
+        t0 = time.time()
+        try:
+            ds = ds.materialize()  # computed once; FixedShards splits it the same way on every restart
+            if check:  # the reference log-probs the RefLogp stage computed
+                refuse_untrainable(ds, source)
+            self.dataset = ds
+            self.mailbox.put.remote(("ready", ds))
+            log.info("[train] pairs ready for the workers in %.1fs", time.time() - t0)
+        except BaseException as e:  # noqa: BLE001 - handed to the trainer and re-raised by finish()
+            self.error = e
+            self.mailbox.put.remote(("failed", f"{type(e).__name__}: {e}"))
+
+    def finish(self) -> None:
+        """Wait for the thread; raise its error, which explains a training failure better."""
+        self._thread.join()
+        ray.kill(self.mailbox)
+        if self.error is not None:
+            raise self.error
+
+
+def claim_work_dir(work_dir: Path, cfg: Config, policy: str, reference: str, pairs_files: list[Path]) -> None:
+    """Refuse to resume Ray Train state in `work_dir` that another training job left there.
+
+    Ray Train restores from any snapshot under `<work_dir>/ray_train`; one made with another model,
+    config or pairs must not be continued as if it were this job's.
+    """
+    job = {
+        "config": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("ray", "run")},
+        "policy": str(policy), "reference": str(reference),
+        "pairs": [[f.name, f.stat().st_size] for f in pairs_files],
+    }
+    path = work_dir / JOB_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [k for k in job if old.get(k) != job[k]]
+        if changed and (work_dir / "ray_train").exists():
+            raise RunDirError(f"{work_dir / 'ray_train'} holds the training state of another job (different "
+                              f"{', '.join(changed)}); remove {work_dir} or write the output elsewhere")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(job, indent=1))
+
+
+def _content_ids(batch: pa.Table) -> pa.Table:
+    """Ids for pairs from elsewhere that have none: a hash of the pair, stable across reads."""
+    ids = [hashlib.sha256("\0".join(t).encode()).hexdigest()[:16]
+           for t in zip(*(batch.column(c).to_pylist() for c in ("prompt", "chosen", "rejected")))]
+    return batch.append_column("prompt_id", pa.array(ids, pa.string()))
+
+
+def read_pairs(source: str | Path, cfg: Config):
+    """A Ray dataset of pairs from our pairs directory or a TRL-format preference dataset.
+
+    TRL data needs prompt / chosen / rejected; a missing `weight` means 1.0 (uniform). Returns
+    (dataset, number of pairs, whether ref log-probs are already present).
+    """
+    import ray.data
+
+    from wpo_ray.cluster import data_context
+
+    data_context()
+    files, fmt = pairs_files(Path(source))
+    if fmt == "parquet":
+        n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        schema = pq.read_schema(files[0])
+        ds = ray.data.read_parquet([str(f) for f in files])
+    else:
+        import json
+
+        import pyarrow.json as pajson
+
+        for f in files:  # the explicit schema below would fill a missing column with nulls
+            first = next((ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()), None)
+            if first is None:
+                raise contracts.ContractError(f"{f}: empty file, expected JSON Lines of prompt/chosen/rejected")
+            missing = [c for c in ("prompt", "chosen", "rejected") if c not in json.loads(first)]
+            if missing:
+                raise contracts.ContractError(f"{f}: line 1: missing column {missing[0]!r} (TRL preference format)")
+
+        # Arrow's reader (it reads JSON Lines natively) with the text columns pinned to string:
+        # the pandas reader behind lines=True turns an answer such as "36" into an integer.
+        text = pa.schema([pa.field(c, pa.string()) for c in ("prompt", "chosen", "rejected")])
+        ds = ray.data.read_json([str(f) for f in files], parse_options=pajson.ParseOptions(
+            explicit_schema=text, unexpected_field_behavior="infer"))
+        schema, n = ds.schema().base_schema, ds.count()
+    probe = schema.empty_table()
+    contracts.validate(probe, "trl", source=str(source))
+    if "weight" in schema.names:
+        if not pa.types.is_floating(schema.field("weight").type) and not pa.types.is_integer(schema.field("weight").type):
+            raise contracts.ContractError(f"{source}: column 'weight' has type {schema.field('weight').type}, expected a number")
+    else:
+        ds = ds.map_batches(lambda b: b.append_column("weight", pa.array([1.0] * len(b), pa.float64())),
+                            batch_format="pyarrow")
+    if "prompt_id" not in schema.names:
+        ds = ds.map_batches(_content_ids, batch_format="pyarrow")
+    has_ref = {"ref_chosen_logp", "ref_rejected_logp"} <= set(schema.names)
+    return ds, n, has_ref
+
+
+def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str | Path, policy_path: str,
+                 reference_path: str, work_dir: str | Path, stream=None) -> dict:
+    """Train the policy on the pairs and write the directory `output_dir` (policy/ in HF
+    safetensors + deepspeed/); the caller renames it into place (`RunDir.stage`, or the CLI).
+    `work_dir` holds Ray Train's state (resumed from on a rerun) and the step metrics.
+
+    `stream` = (dataset, most pairs it can hold) replaces `pairs_source` for run.overlap=streaming
+    (pipeline/streaming.py): the pairs are split among the workers as they flow, never materialised, and
+    the schedule is sized for the upper bound; training ends when the stream does.
+    """
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from actors.ref_logp import RefLogpActor
+    from actors.train_worker import train_loop_per_worker
+
+    t = cfg.train
+    output_dir, work_dir = Path(output_dir).absolute(), Path(work_dir).absolute()
+    if stream is None:
+        ds, n_pairs, has_ref = read_pairs(pairs_source, cfg)
+        refuse_untrainable_input(pairs_source, ds)  # the weights (and reference log-probs) as given
+    else:
+        (ds, n_pairs), has_ref = stream, False
+    total = expected_total_steps(n_pairs, cfg)
+    max_length = train_max_length(cfg)
+    ref_stage = t.loss.needs_reference and t.reference_logps == "precomputed" and not has_ref
+    if ref_stage:
+        ds = ds.map_batches(RefLogpActor, fn_constructor_kwargs=dict(
+            model_path=reference_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+            max_length=max_length, micro_batch_size=t.micro_batch_size),
+            # Streamed: each upstream block (one sampling batch's pairs) as it comes. A fixed batch
+            # size makes Ray Data hold pairs back until that many have arrived, and a round of few
+            # pairs per sampling batch then reached the workers only when sampling had ended.
+            batch_size=None if stream else 64, batch_format="pyarrow", concurrency=1, num_cpus=1,
+            num_gpus=1 if t.use_gpu else 0)
+        log.info("[train] reference log-probs precomputed by a RefLogp actor stage (%s)", reference_path)
+    elif t.loss.needs_reference and t.reference_logps == "worker":
+        log.info("[train] reference model on each worker (%s)", reference_path)
+    stage = zero_stage(cfg)
+    log.info(f"[train] {'up to ' if stream else ''}{n_pairs} pairs -> {'at most ' if stream else ''}{total} optimizer "
+        f"steps on {t.num_workers} DeepSpeed ZeRO-{stage} worker(s), loss {t.loss.base} "
+        f"(beta {t.loss.beta}, weight placement {t.loss.weight_placement})"
+        + (f"; ZeRO-0 instead of the configured {t.deepspeed.zero_stage}: one worker has nothing to partition"
+           if stage != t.deepspeed.zero_stage else ""))
+    t0 = time.time()
+    pairs = None
+    if stream is None:
+        claim_work_dir(work_dir, cfg, policy_path, reference_path, pairs_files(Path(pairs_source))[0])
+        pairs = PairsInBackground(ds, str(pairs_source), check=ref_stage)
+    else:
+        # A streamed round's training always starts from the round's start (run.overlap=streaming
+        # has no mid-round checkpoints): no Ray Train state of an earlier attempt is resumed.
+        shutil.rmtree(work_dir / "ray_train", ignore_errors=True)
+        (work_dir / JOB_FILE).unlink(missing_ok=True)
+    metrics_path = work_dir / METRICS_FILE
+    metrics_path.unlink(missing_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"), "policy_path": policy_path, "reference_path": reference_path,
+            "total_steps": total, "max_length": max_length, "metrics_path": str(metrics_path),
+            "tensorboard_dir": str(work_dir / "tensorboard"),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(name="ray_train", storage_path=str(work_dir),
+                                       failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                                       # The newest is what a restart needs; each holds optimizer state.
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds},
+        # Streamed pairs are split as they flow (Ray's streaming_split, equal shares per worker).
+        dataset_config=FixedShards(pairs.mailbox) if stream is None else ray.train.DataConfig(),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:  # not Ctrl-C: that should not wait for the thread
+        if pairs is not None:
+            pairs.finish()  # raises the pairs' own error, which explains the training failure better
+        raise
+    if pairs is not None:
+        pairs.finish()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with ckpt.as_directory() as d:
+        shutil.copytree(d, output_dir)
+    if not checkpoint_has_policy(output_dir):
+        raise RuntimeError(f"checkpoint {ckpt.path} has no HF policy weights")
+    shutil.copy(output_dir / METRICS_FILE, metrics_path)
+    steps = json.loads((output_dir / STATE_FILE).read_text())["optimizer_steps"]
+    info = {"pairs": n_pairs, "steps": steps, "seconds": round(time.time() - t0, 1)}
+    log.info("[train] done: %d steps in %.1fs", steps, info["seconds"])
+    return info

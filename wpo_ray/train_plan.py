@@ -1,0 +1,72 @@
+"""Planning arithmetic of a training run, pure: optimizer steps, ZeRO stage, the DeepSpeed config,
+sequence lengths. The driver sizes the schedule with it before any worker starts; the workers
+build their engines from it.
+"""
+
+from __future__ import annotations
+
+from .config import Config
+
+# Training sequences of a model that is not the built-in tiny one: prompt + response tokens.
+DEFAULT_MAX_LENGTH = 2048
+
+
+def model_max_length(cfg: Config) -> int | None:
+    """The longest sequence the policy takes, where the config knows it (the built-in tiny model's
+    position table); None lets the engine read it from the model."""
+    return cfg.bootstrap.model.max_position_embeddings if cfg.model.path == "builtin:tiny" else None
+
+
+def train_max_length(cfg: Config) -> int:
+    """The longest pair (prompt + response tokens) the trainer and the reference stage encode."""
+    return model_max_length(cfg) or DEFAULT_MAX_LENGTH
+
+
+def zero_stage(cfg: Config) -> int:
+    """The ZeRO stage the workers run: the configured one, or 0 for a single worker.
+
+    ZeRO partitions optimizer state, gradients and parameters across ranks; one rank has nothing
+    to partition, and stages 1-3 then only add copies into and out of flat buffers (a quarter of a
+    CPU training step: docs/BENCHMARKS.md).
+    """
+    return cfg.train.deepspeed.zero_stage if cfg.train.num_workers > 1 else 0
+
+
+def deepspeed_config(cfg: Config, total_steps: int) -> dict:
+    t, ds = cfg.train, cfg.train.deepspeed
+    zero: dict = {"stage": zero_stage(cfg)}
+    if zero["stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # lets rank 0 write full HF weights
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {"type": ds.optimizer, "params": {"lr": t.lr, "weight_decay": ds.weight_decay}},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": t.warmup_steps,
+                       "total_num_steps": max(total_steps, t.warmup_steps + 1), "warmup_type": "linear"},
+        },
+        "bf16": {"enabled": t.use_gpu and cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 10**9,  # our own progress line replaces DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+
+
+def optimizer_steps(n_pairs: int, cfg: Config) -> int:
+    """Optimizer steps the run will take: equal shards, whole micro-batches, whole accumulations."""
+    t = cfg.train
+    per_rank = n_pairs // t.num_workers
+    steps = (per_rank // t.micro_batch_size) // t.grad_accum * t.epochs
+    return min(steps, t.max_steps) if t.max_steps else steps
+
+
+def expected_total_steps(n_pairs: int, cfg: Config) -> int:
+    steps = optimizer_steps(n_pairs, cfg)
+    if steps < 1:
+        need = cfg.train.num_workers * cfg.train.micro_batch_size * cfg.train.grad_accum
+        raise ValueError(f"{n_pairs} pairs make no optimizer step: one step needs num_workers x micro_batch_size "
+                         f"x grad_accum = {need} pairs (lower train.micro_batch_size or train.grad_accum)")
+    return steps
+
