@@ -1,4 +1,4 @@
-"""The built-in arithmetic task (DESIGN §10): exactly checkable questions of graded difficulty.
+"""The built-in arithmetic task (docs/DESIGN.md): exactly checkable questions of graded difficulty.
 
 A question is an integer expression over non-negative operands with ``+``, ``-`` and ``*``, written
 without spaces and followed by ``=``: ``"37+485="``, ``"12*7-9="``. The answer is the integer value

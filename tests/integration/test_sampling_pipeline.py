@@ -6,7 +6,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from wpo_ray import contracts
-from wpo_ray.pairing import difficulty_weight
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +45,8 @@ def _check_round(run, cfg, info):
         pc = v.count("correct")
         pe = len(v) - pc
         assert (p["n_correct"], p["n_wrong"], p["n_samples"]) == (pc, pe, len(v))
-        assert p["weight"] == pytest.approx(difficulty_weight(pc, pe, len(v), cfg.weighting.alpha, cfg.weighting.eps))
+        a, eps, n = cfg.weighting.alpha, cfg.weighting.eps, len(v)  # Ma et al.'s formula, written out
+        assert p["weight"] == pytest.approx(1 + a * pe / n if pc == 0 else max(1.0, 1 + a * pe / ((pc + eps) * n)))
         assert p["chosen"] != p["rejected"] or p["chosen_source"] == "gold"
     for s in skips.to_pylist():
         if s["reason"] == "all_correct":

@@ -1,4 +1,4 @@
-"""The Arrow data contracts: schemas as DESIGN §4 lists them, and validation errors that name the column."""
+"""The Arrow data contracts: schemas as docs/DESIGN.md lists them, and validation errors that name the column."""
 
 import pyarrow as pa
 import pytest
