@@ -5,7 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 from wpo_ray import contracts
+from wpo_ray.cluster import log_placement
 from wpo_ray.graders import get_grader
+from wpo_ray.logs import setup_worker_logging
 
 
 class GraderActor:
@@ -16,6 +18,8 @@ class GraderActor:
     """
 
     def __init__(self, grader: str, timeout_s: float = 5.0, **grader_kwargs):
+        setup_worker_logging()
+        log_placement("grader")
         self.grader = get_grader(grader, timeout_s=timeout_s, **grader_kwargs)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

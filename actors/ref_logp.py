@@ -9,7 +9,10 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
+from wpo_ray.cluster import log_placement
 from wpo_ray.generation import load_hf_policy
+from wpo_ray.integrity import verify_policy_dir
+from wpo_ray.logs import setup_worker_logging
 from wpo_ray.step import encode_batch, model_device, reference_logps
 
 
@@ -17,6 +20,9 @@ class RefLogpActor:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  max_length: int = 512, micro_batch_size: int = 16):
         torch.set_num_threads(1)  # one core per actor: the pool, not the actor, scales out
+        setup_worker_logging()
+        log_placement("ref-logp")
+        verify_policy_dir(model_path)
         self.model, self.tokenizer = load_hf_policy(model_path, dtype, trust_remote_code)
         self.max_length, self.micro = max_length, micro_batch_size
 

@@ -21,9 +21,11 @@ import time
 import pyarrow as pa
 
 from wpo_ray import contracts
+from wpo_ray.cluster import where_am_i
 from wpo_ray.config import Config, EngineConfig, SamplingConfig
 from wpo_ray.failpoints import failpoint
 from wpo_ray.generation import Completion, make_sampler, prompt_seed
+from wpo_ray.integrity import verify_policy_dir
 from wpo_ray.logs import setup_worker_logging
 from wpo_ray.train_plan import model_max_length
 
@@ -34,14 +36,16 @@ class SamplerEngine:
     def __init__(self, model_path: str, sampling: dict, seed: int, trust_remote_code: bool = False,
                  dtype: str = "float32", max_model_len: int | None = None):
         setup_worker_logging()
+        verify_policy_dir(model_path)
         self.cfg = SamplingConfig.model_validate(sampling)
         self.sampler = make_sampler(self.cfg.backend, model_path, EngineConfig.model_validate(self.cfg.engine),
                                     seed=seed, trust_remote_code=trust_remote_code, dtype=dtype,
                                     max_model_len=max_model_len)
         self.policy = model_path
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict:
+        """Up; and where (the run records each stage's placement)."""
+        return where_am_i()
 
     def _ensure_policy(self, policy: str | None) -> None:
         if policy is not None and policy != self.policy:
@@ -50,6 +54,7 @@ class SamplerEngine:
 
     def generate(self, prompts, seeds, n, temperature, top_p, max_tokens, policy: str | None = None) -> list[list[tuple]]:
         self._ensure_policy(policy)
+        failpoint("sampler.generate")
         out = self.sampler.generate(prompts, seeds, n, temperature, top_p, max_tokens)
         return [[(c.text, c.logp, c.length) for c in comps] for comps in out]
 
@@ -78,6 +83,7 @@ class SamplerEngine:
 
     def load_weights(self, path: str) -> tuple[str, float]:
         t0 = time.time()
+        verify_policy_dir(path)  # a round's checkpoint: every file checked before the engine reads it
         mode = self.sampler.load_weights(path)
         self.policy = path
         return mode, time.time() - t0
@@ -136,7 +142,8 @@ class SamplerPool:
         # max_task_retries=0: a call on a dead engine fails at once and call_with_failover
         # re-routes it, rather than waiting for this engine's restart (a vLLM start is minutes).
         remote = ray.remote(num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor,
-                            max_restarts=s.max_restarts, max_task_retries=0)(SamplerEngine)
+                            resources=dict(s.resources_per_actor), max_restarts=s.max_restarts,
+                            max_task_retries=0)(SamplerEngine)
         self.failover_timeout_s = s.failover_timeout_s
         max_len = model_max_length(cfg)
         t0 = time.time()
@@ -144,7 +151,7 @@ class SamplerPool:
             remote.remote(model_path, s.model_dump(), cfg.run.seed, cfg.model.trust_remote_code, cfg.model.dtype, max_len)
             for _ in range(s.num_actors)
         ]
-        ray.get([e.ready.remote() for e in self.engines])
+        self.placement = ray.get([e.ready.remote() for e in self.engines])  # one {node_id, ip} per engine
         self.model_path = model_path
         log.info("[samplers] %d %s engine(s) on %s started in %.1fs", s.num_actors, s.backend, model_path,
                  time.time() - t0)

@@ -26,6 +26,7 @@ import torch
 
 from wpo_ray.config import Config
 from wpo_ray.failpoints import failpoint
+from wpo_ray.integrity import HashingCheckpointEngine, check_rank_manifests, verify_checkpoint, write_manifest
 from wpo_ray.losses import GammaPOMargins, dist_gather_fn
 from wpo_ray.rundir import DS_DIR, METRICS_FILE, POLICY_DIR, STATE_FILE, ledger_file
 from wpo_ray.step import encode_batch, model_device, pair_loss
@@ -56,6 +57,20 @@ def _mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, vals.tolist()))
 
 
+def _gather_placement(world: int) -> list[dict]:
+    """Every rank's node, in rank order (rank 0 records it with the checkpoint)."""
+    import torch.distributed as dist
+
+    from wpo_ray.cluster import where_am_i
+
+    mine = {**where_am_i(), "rank": dist.get_rank() if dist.is_initialized() else 0}
+    if world == 1 or not dist.is_initialized():
+        return [mine]
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    return every
+
+
 def _save_hf(engine, tokenizer, path: Path, rank: int, stage: int) -> None:
     # ZeRO-3 partitions parameters: gather them (a collective every rank joins) before rank 0 writes.
     state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
@@ -75,19 +90,20 @@ class Progress:
     metrics_lines: list[str] = field(default_factory=list)  # rank 0: one JSON line per optimizer step
 
 
-def _restore(engine, margins_fn, rank: int) -> Progress:
-    """Resume from Ray Train's last checkpoint, if any: DeepSpeed state + how far the stream got."""
-    import ray.train
-
+def _restore(engine, margins_fn, rank: int, ckpt) -> Progress:
+    """Resume from Ray Train's last checkpoint `ckpt`, if any: DeepSpeed state + how far the stream
+    got. Every file is checked against the checkpoint's manifests before anything is read."""
     progress = Progress()
-    ckpt = ray.train.get_checkpoint()
     if not ckpt:
         return progress
     with ckpt.as_directory() as d:
         d = Path(d)
+        verified = verify_checkpoint(d)  # before anything is read, let alone unpickled
+        state = json.loads((d / STATE_FILE).read_text())
+        check_rank_manifests(d, state["world_size"])
+        engine.checkpoint_engine.verified = verified
         engine.load_checkpoint(str(d / DS_DIR), tag="ds")
         progress.applied = json.loads((d / ledger_file(rank)).read_text())
-        state = json.loads((d / STATE_FILE).read_text())
         progress.micro_done, progress.step = state["micro_steps"], state["optimizer_steps"]
         if margins_fn is not None and state.get("gamma_po_queue") is not None:
             margins_fn.load_state_dict({"queue": torch.tensor(state["gamma_po_queue"], dtype=torch.float64)})
@@ -99,12 +115,13 @@ def _restore(engine, margins_fn, rank: int) -> Progress:
     return progress
 
 
-def _report_checkpoint(engine, tokenizer, cfg: Config, progress: Progress, margins_fn, rank: int,
-                       final: bool) -> None:
+def _report_checkpoint(engine, tokenizer, cfg: Config, progress: Progress, margins_fn, rank: int, world: int,
+                       placement: list[dict], final: bool) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
+        engine.checkpoint_engine.written.clear()
         engine.save_checkpoint(str(d / DS_DIR), tag="ds")
         if final:
             _save_hf(engine, tokenizer, d / POLICY_DIR, rank, zero_stage(cfg))
@@ -112,10 +129,11 @@ def _report_checkpoint(engine, tokenizer, cfg: Config, progress: Progress, margi
         if rank == 0:
             queue = margins_fn.state_dict()["queue"].tolist() if margins_fn is not None else None
             (d / STATE_FILE).write_text(json.dumps({"micro_steps": progress.micro_done,
-                                                    "optimizer_steps": progress.step,
+                                                    "optimizer_steps": progress.step, "world_size": world, "placement": placement,
                                                     "gamma_po_queue": queue, "final": final}))
             lines = progress.metrics_lines
             (d / METRICS_FILE).write_text("\n".join(lines) + ("\n" if lines else ""))
+        write_manifest(d, rank, engine.checkpoint_engine.written)  # last: it vouches for the rest
         ray.train.report({"step": progress.step, "final": final}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint-{progress.step:06d}{'-final' if final else ''}")
 
@@ -154,7 +172,10 @@ def load_models(config: dict, cfg: Config, device: torch.device | str = "cpu"):
     """(policy, tokenizer, reference model or None): each read from disk once. The reference model
     is loaded only when it runs on the worker (`train.reference_logps=worker`), on `device`."""
     from wpo_ray.generation import load_hf_policy
+    from wpo_ray.integrity import verify_policy_dir
 
+    for key in ("policy_path", "reference_path"):  # a round's checkpoint: verified before it is read
+        verify_policy_dir(config[key])
     model, tokenizer = load_hf_policy(config["policy_path"], cfg.model.dtype, cfg.model.trust_remote_code)
     ref_model = None
     if cfg.train.loss.needs_reference and cfg.train.reference_logps == "worker":
@@ -184,13 +205,15 @@ def train_loop_per_worker(config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=deepspeed_config(cfg, total_steps), dist_init_required=False)
     device = model_device(engine)  # where DeepSpeed placed the policy: its inputs go there
+    engine.checkpoint_engine = HashingCheckpointEngine(engine.checkpoint_engine)
     if world == 1:
         # No peers to average gradients with: skip DeepSpeed's flatten / all-reduce / copy-back
         # of every gradient after each backward (a fifth of a CPU step on one rank).
         engine.enable_backward_allreduce = False
     margins_fn = (GammaPOMargins(loss_cfg.gamma_po, loss_cfg.beta, gather_fn=dist_gather_fn())
                   if loss_cfg.gamma_po.enabled else None)
-    progress = _restore(engine, margins_fn, rank)
+    progress = _restore(engine, margins_fn, rank, ray.train.get_checkpoint())
+    placement = _gather_placement(world)
     steps = StepLog(config, rank, total_steps, progress)
 
     shard = ray.train.get_dataset_shard("train")
@@ -236,9 +259,9 @@ def train_loop_per_worker(config: dict) -> None:
             accum, tokens, t_step = [], 0, time.time()
             steps.write(m)
             if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and progress.step < total_steps:
-                _report_checkpoint(engine, tokenizer, cfg, progress, margins_fn, rank, final=False)
+                _report_checkpoint(engine, tokenizer, cfg, progress, margins_fn, rank, world, placement, final=False)
             if progress.step >= total_steps:
                 done = True
                 break
     steps.close()
-    _report_checkpoint(engine, tokenizer, cfg, progress, margins_fn, rank, final=True)
+    _report_checkpoint(engine, tokenizer, cfg, progress, margins_fn, rank, world, placement, final=True)

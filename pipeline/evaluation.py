@@ -55,7 +55,8 @@ def eval_stage(cfg: Config, run: RunDir, r: int, policy: str, pool) -> dict:
         pool.load_weights(policy)
         result = run_eval(cfg, policy, sampler=pool)
         out("eval.json").write_text(json.dumps(result, indent=2))
-        return {k: v for k, v in result.items() if k.endswith("accuracy")}
+        return {**{k: v for k, v in result.items() if k.endswith("accuracy")},
+                "placement": {"samplers": pool.placement}}
 
     run.stage(r, "eval", produce, outputs=("eval.json",))
     result = json.loads(run.output(r, "eval.json").read_text())

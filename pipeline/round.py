@@ -52,7 +52,8 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
         if cfg.run.overlap == "streaming" and not run.done(r, "pairs"):
             return run_round_streaming(cfg, run, r, policy, reference, samplers(policy), out("checkpoint"))
         # Staged, or a streamed round whose pairs were recorded before its training was.
-        run_sampling(cfg, run, r, policy, pool=samplers(policy))
+        if not run.done(r, "pairs"):  # (a resumed round starts no engine it does not need)
+            run_sampling(cfg, run, r, policy, pool=samplers(policy))
         return run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference, run.train_dir(r))
 
     run.stage(r, "train", produce, outputs=("checkpoint",))

@@ -129,7 +129,8 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None) 
         pool.load_weights(policy_path)
         ds = sample_stage(ray.data.read_parquet(str(run.output(r, "prompts") / "prompts.parquet")), cfg, pool, r,
                           policy_path)
-        return dict(rows=write_parquet(ds, out("samples"), contracts.SAMPLES), policy=policy_path, backend=s.backend)
+        return dict(rows=write_parquet(ds, out("samples"), contracts.SAMPLES), policy=policy_path, backend=s.backend,
+                    placement={"samplers": pool.placement})
 
     def graded(out) -> dict:
         ds = grade_stage(ray.data.read_parquet(str(run.output(r, "samples"))), cfg)

@@ -314,7 +314,9 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
     if not checkpoint_has_policy(output_dir):
         raise RuntimeError(f"checkpoint {ckpt.path} has no HF policy weights")
     shutil.copy(output_dir / METRICS_FILE, metrics_path)
-    steps = json.loads((output_dir / STATE_FILE).read_text())["optimizer_steps"]
-    info = {"pairs": n_pairs, "steps": steps, "seconds": round(time.time() - t0, 1)}
+    state = json.loads((output_dir / STATE_FILE).read_text())
+    steps = state["optimizer_steps"]
+    info = {"pairs": n_pairs, "steps": steps, "seconds": round(time.time() - t0, 1),
+            "placement": {"train_workers": state.get("placement", [])}}
     log.info("[train] done: %d steps in %.1fs", steps, info["seconds"])
     return info

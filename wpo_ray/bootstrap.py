@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .config import Config
+from .failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def run_bootstrap(cfg: Config, force: bool = False) -> Path:
             opt.step()
             sched.step()
             step += 1
+            failpoint("bootstrap.step")
             loss_val = loss.item()
             if step % 100 == 0 or step == b.steps:
                 model.eval()
@@ -132,6 +134,7 @@ def run_bootstrap(cfg: Config, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     save_policy(model, tokenizer, tmp)
     (tmp / "bootstrap.json").write_text(json.dumps(info, indent=2))
+    failpoint("bootstrap.written")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     lo, hi = b.target_accuracy
@@ -181,6 +184,12 @@ def check_policy_dir(path: str | Path, key: str = "model.path") -> Path:
                              f"are missing: {missing}")
     if not any((p / t).is_file() for t in ("tokenizer.json", "tokenizer_config.json")):
         raise ValueError(f"{where} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    from .integrity import IntegrityError, verify_policy_dir
+
+    try:
+        verify_policy_dir(p)  # a policy from one of our checkpoints: every file as it was written
+    except IntegrityError as e:
+        raise ValueError(f"{key}: {e}") from None
     return p
 
 

@@ -78,3 +78,19 @@ def data_context():
     ctx.default_hash_shuffle_parallelism = max(2, int(ray.cluster_resources().get("CPU", 2)))
     return ctx
 
+
+
+def log_placement(role: str) -> None:
+    """In an actor: one line in the run log saying which node it runs on (no-op outside Ray)."""
+    import ray
+
+    if ray.is_initialized():
+        at = where_am_i()
+        log.info("[%s] on node %s (%s)", role, at["node_id"], at["ip"])
+
+
+def where_am_i() -> dict:
+    """This Ray process's node: what a stage records about where each actor ran."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}

@@ -154,6 +154,9 @@ class SamplingConfig(_Strict):
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0, ge=0)
     num_cpus_per_actor: float = Field(1, ge=0)
+    # Custom Ray resources each engine asks for, e.g. {sampler_node: 1} to put engines on the
+    # nodes started with `ray start --resources='{"sampler_node": 4}'`.
+    resources_per_actor: dict[str, float] = {}
     batch_size: int = Field(64, ge=1)
     engine: EngineConfig = EngineConfig()
     # A dead engine is restarted by Ray up to this many times; meanwhile its batches go to the

@@ -2,9 +2,11 @@
 
 Off unless the environment variable ``WPO_FAILPOINTS_DIR`` names a directory; then the cost of a
 failpoint is one ``stat``. Tests set it before Ray starts, so every Ray worker inherits it. A test
-arms a failpoint by writing the file ``<dir>/<name>`` with ``"<hit> [kill|interrupt]"``: the
+arms a failpoint by writing the file ``<dir>/<name>`` with ``"<hit> [action] [every]"``: the
 process that reaches the failpoint for the ``hit``-th time claims it by renaming the file (so it
-fires once, in one process, across all processes) and then
+fires once, in one process, across all processes; with ``every``, the file stays and every
+process fires on every hit from the ``hit``-th on: a fault that comes back after each restart)
+and then
 
 - ``kill`` (default): sends itself SIGKILL, as the OOM killer or a preempted node would: no
   cleanup, no ``finally``;
@@ -17,9 +19,11 @@ fires once, in one process, across all processes) and then
   until the trainers have taken a step: they can only if training overlaps sampling).
 
 Places (grep ``failpoint(`` for the full list): ``sampler.sample`` (an engine, per batch),
-``train.micro_step`` (a training worker, before each micro-batch), ``driver.<stage>.written``
-(output written, not yet renamed into place), ``driver.<stage>.committed`` (renamed, not yet in
-the manifest).
+``sampler.generate`` (an engine, per evaluation chunk), ``train.micro_step`` (a training worker,
+before each micro-batch), ``driver.<output>.written`` (a stage's output written, not yet renamed
+into place), ``driver.<output>.committed`` (renamed, not yet in the manifest),
+``bootstrap.step`` / ``bootstrap.written`` (the SFT bootstrap: per step; its cache entry written,
+not yet renamed into place).
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ UNTIL_MAX_S = 300.0
 _hits: dict[str, int] = {}
 
 
-def arm(directory: str | Path, name: str, hit: int = 1, action: str = "kill") -> Path:
-    """Arm `name` to fire on the `hit`-th time a process reaches it (a test helper)."""
+def arm(directory: str | Path, name: str, hit: int = 1, action: str = "kill", every: bool = False) -> Path:
+    """Arm `name` to fire on the `hit`-th time a process reaches it (with `every`, on each time
+    from then on, in every process, until disarmed) (a test helper)."""
     if (action not in ACTIONS and not _delay(action) and not _until(action)) or hit < 1:
         raise ValueError(f"failpoint {name}: bad hit {hit} or action {action!r}")
     path = Path(directory) / name
-    path.write_text(f"{hit} {action}\n")
+    path.write_text(f"{hit} {action}{' every' if every else ''}\n")
     return path
 
 
@@ -76,12 +81,18 @@ def failpoint(name: str) -> None:
         hit, _, action = armed.read_text().strip().partition(" ")
     except FileNotFoundError:  # another process claimed it
         return
-    if _hits[name] != int(hit):
+    action, _, every = action.partition(" ")
+    if every:
+        if _hits[name] < int(hit):
+            return
+        armed.with_name(f"{name}.fired").touch()
+    elif _hits[name] != int(hit):
         return
-    try:
-        os.rename(armed, armed.with_name(f"{name}.fired"))  # atomic: exactly one process wins
-    except FileNotFoundError:
-        return
+    else:
+        try:
+            os.rename(armed, armed.with_name(f"{name}.fired"))  # atomic: exactly one process wins
+        except FileNotFoundError:
+            return
     log.warning("[failpoint] %s: firing (%s) in pid %d", name, action or "kill", os.getpid())
     if action == "interrupt":
         raise KeyboardInterrupt(f"failpoint {name}")

@@ -120,7 +120,11 @@ def route_worker_output(verbose: bool) -> bool:
 
 def setup_worker_logging() -> None:
     """In an actor or Ray Train worker: our packages' INFO as plain lines on the process's stderr
-    (which Ray forwards to the driver)."""
+    (which Ray forwards to the driver). A no-op elsewhere (an actor class called in-process)."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     for name in PACKAGES:

@@ -198,6 +198,9 @@ def collect(run_dir: str | Path) -> dict:
             "alpha": _get(config, "weighting.alpha"),
         },
         "planned_rounds": planned,
+        "placement": [(key, role, a.get("node_id"), a.get("ip"), a.get("rank"))
+                      for key, info in sorted(stages.items()) if isinstance(info, dict)
+                      for role, actors in (info.get("placement") or {}).items() for a in actors],
         "rounds_done": sum(1 for rd in rounds if rd["round"] > 0 and rd["done"]),
         "maj": maj_keys[0] if maj_keys else f"maj@{_get(config, 'eval.maj_n') or 'N'}",
         "rounds": rounds,
@@ -379,6 +382,14 @@ def _training_section(data: dict, images: dict) -> str:
     return _table(head, rows) + _img(images, "training", "training curves")
 
 
+def _placement_section(data: dict) -> str:
+    rows = [[_e(stage), _e(role if rank is None else f"{role} (rank {rank})"), _e(node or "—"), _e(ip or "—")]
+            for stage, role, node, ip, rank in data["placement"]]
+    if not rows:
+        return '<p class="missing">No stage recorded where its actors ran.</p>'
+    return _table(["stage", "actor", "node id", "node IP"], rows)
+
+
 def render_html(data: dict, images: dict[str, str]) -> str:
     h = data["header"]
     planned = f" of {data['planned_rounds']} planned" if data["planned_rounds"] else ""
@@ -422,6 +433,7 @@ def render_html(data: dict, images: dict[str, str]) -> str:
     if not shown:
         parts.append('<p class="missing">No training round started yet.</p>')
 
+    parts += ["<h2>Where the actors ran</h2>", _placement_section(data)]
     parts.append("<h2>Config</h2>")
     cfg = data["config_text"]
     parts.append(f"<pre>{_e(cfg)}</pre>" if cfg is not None else '<p class="missing">config.yaml missing</p>')

@@ -153,8 +153,11 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_policy, tmp_path):
     try:
         # Both nodes share one IP: each needs its own dashboard-agent port (the default 52365 would
         # collide, and a head without its agent cannot accept jobs).
+        # Only the second node has the resource the sampler engine asks for: the job must place it
+        # there, and the manifest must say so.
         worker = [ray, "start", f"--address={ip}:{port}", "--num-cpus=4", f"--node-ip-address={ip}",
-                  f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"]
+                  '--resources={"wpo_second_node": 1}', f"--dashboard-agent-listen-port={_free_port()}",
+                  "--disable-usage-stats"]
         for cmd in (start, worker):
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
             assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
@@ -167,6 +170,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_policy, tmp_path):
         submit_cmd = [ray, "job", "submit", f"--address=http://{ip}:{dash}",
                       f"--runtime-env={ROOT / 'configs' / 'runtime_env.yaml'}", "--working-dir", str(ROOT), "--",
                       "python", "-m", "jobs.run", "--config", "configs/tiny-cpu.yaml", *ONE_ROUND, "ray.address=null",
+                      "sampling.resources_per_actor={wpo_second_node: 1}",
                       f"run.dir={run_dir}", f"bootstrap.cache_dir={Path(tiny_policy).parent}"]
         for _ in range(30):  # the dashboard's job agent comes up after `ray start` returns
             submit = subprocess.run(submit_cmd, env=env, capture_output=True, text=True, timeout=1500)
@@ -181,6 +185,16 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_policy, tmp_path):
         assert {"round-001/pairs", "round-001/train", "round-001/eval"} <= set(stages)
         p = stages["round-001/pairs"]
         assert p["pairs"] + p["skips"] == p["prompts"]
+        probe = subprocess.run([str(BIN / "python"), "-c", (
+            "import json, ray; ray.init(address='%s:%d', log_to_driver=False); "
+            "print('NODES', json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))") % (ip, port)],
+            env=env, capture_output=True, text=True, timeout=120)
+        nodes = json.loads(next(x for x in probe.stdout.splitlines() if x.startswith("NODES ")).split(" ", 1)[1])
+        second = {n for n, res in nodes.items() if res.get("wpo_second_node")}
+        assert len(nodes) == 2 and len(second) == 1, nodes
+        placed = stages["round-001/samples"]["placement"]["samplers"]
+        assert {a["node_id"] for a in placed} == second, (placed, nodes)  # the engine ran on the second node
+        assert {a["node_id"] for a in stages["round-001/train"]["placement"]["train_workers"]} <= set(nodes)
     finally:
         _stop_cluster(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -98,3 +98,14 @@ def test_until_waits_for_the_path_and_records_whether_it_appeared(fp_dir, tmp_pa
     assert (fp_dir / "never.fired").read_text().splitlines()[-1] == "until: timed out"
     with pytest.raises(ValueError):
         arm(fp_dir, "x", action="until:")
+
+
+def test_every_fires_on_each_hit_from_the_configured_one_until_disarmed(fp_dir):
+    arm(fp_dir, "worker.step", hit=2, action="interrupt", every=True)
+    failpoint("worker.step")  # hit 1: not yet
+    for _ in range(3):
+        with pytest.raises(KeyboardInterrupt):
+            failpoint("worker.step")
+    assert fired(fp_dir, "worker.step") and (fp_dir / "worker.step").exists()  # still armed
+    (fp_dir / "worker.step").unlink()
+    failpoint("worker.step")  # disarmed

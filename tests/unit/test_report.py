@@ -119,7 +119,9 @@ def make_run(root: Path) -> Path:
                 "tokens_per_s": 1000.0 + s} for s in range(1, 6)]
     (run / "round-001" / "train").mkdir()
     (run / "round-001" / "train" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    stages["round-001/train"] = {"steps": 5}
+    stages["round-001/train"] = {"steps": 5, "placement": {"train_workers": [
+        {"node_id": "head-node-1", "ip": "127.0.0.1", "rank": 0}, {"node_id": "second-node-2", "ip": "127.0.0.2", "rank": 1}]}}
+    stages["round-001/samples"] = {"rows": 3, "placement": {"samplers": [{"node_id": "second-node-2", "ip": "127.0.0.2"}]}}
     stages["round-001/eval"] = {"greedy_accuracy": 0.523}
     (run / "manifest.json").write_text(json.dumps({"stages": stages}, indent=2))
     return run
@@ -321,3 +323,12 @@ def test_screenshot_renders(built, tmp_path):
     # Not just text: some strongly coloured pixels come from the embedded plots.
     rgb = img[..., :3]
     assert float((rgb.max(axis=-1) - rgb.min(axis=-1) > 0.3).mean()) > 0.001
+
+
+def test_placement_shows_which_node_each_actor_ran_on(built):
+    _, _, page = built
+    rows = table_with(page, "node id")
+    assert {(r["stage"], r["actor"], r["node id"], r["node IP"]) for r in rows} == {
+        ("round-001/samples", "samplers", "second-node-2", "127.0.0.2"),
+        ("round-001/train", "train_workers (rank 0)", "head-node-1", "127.0.0.1"),
+        ("round-001/train", "train_workers (rank 1)", "second-node-2", "127.0.0.2")}

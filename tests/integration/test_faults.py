@@ -1,0 +1,114 @@
+"""Faults the other suites do not cover: a training worker that fails on every attempt, an engine
+and a driver killed during evaluation, the driver killed during the bootstrap. Each runs the real
+component and injects the fault with a failpoint (wpo_ray/failpoints.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from wpo_ray.failpoints import arm, fired
+
+pytestmark = pytest.mark.integration
+
+
+def _pairs_recorded(cfg, arithmetic_pairs):
+    """A run whose round 1 has its pairs recorded, as after a finished sampling half."""
+    from wpo_ray import contracts
+    from wpo_ray.rundir import RunDir
+
+    run = RunDir(cfg)
+    run.output(1, "pairs").mkdir(parents=True)
+    shutil.copy(Path(arithmetic_pairs) / "pairs.parquet", run.output(1, "pairs") / "pairs.parquet")
+    run.output(1, "skips").mkdir()
+    pq.write_table(contracts.SKIPS.empty_table(), run.output(1, "skips") / "empty.parquet")
+    n = pq.read_metadata(run.output(1, "pairs") / "pairs.parquet").num_rows
+    run.mark_done(1, "pairs", pairs=n, skips=0, prompts=n, skip_reasons={})
+    return run
+
+
+def test_a_worker_failing_on_every_attempt_stops_the_round_and_a_rerun_trains_cleanly(
+        ray_session, tiny_cfg_factory, tiny_policy, arithmetic_pairs, failpoints):
+    """Killed at its first micro-batch on every (re)start: after train.max_failures restarts the
+    round's training raises, nothing is recorded or put in place, and once the fault is gone the
+    same command trains the round from the start."""
+    from pipeline.round import LazySamplers, train_round
+    from wpo_ray.rundir import RunDir, checkpoint_has_policy
+
+    cfg = tiny_cfg_factory("run.rounds=1", "train.max_failures=1")
+    run = _pairs_recorded(cfg, arithmetic_pairs)
+    armed = arm(failpoints, "train.micro_step", hit=1, action="kill", every=True)
+    with pytest.raises(Exception) as e:
+        train_round(cfg, run, 1, tiny_policy, tiny_policy, LazySamplers(cfg))
+    assert fired(failpoints, "train.micro_step"), e.value
+    assert run.done(1, "train") is None and not run.output(1, "checkpoint").exists()
+
+    armed.unlink()  # the fault is gone; the user reruns the same command
+    rerun = RunDir(cfg)
+    assert not (rerun.round_dir(1) / "checkpoint.tmp").exists()
+    train_round(cfg, rerun, 1, tiny_policy, tiny_policy, LazySamplers(cfg))
+    info = rerun.done(1, "train")
+    assert info["steps"] == 6 and checkpoint_has_policy(rerun.output(1, "checkpoint"))  # 48 pairs / (2 x 4)
+    assert [w["rank"] for w in info["placement"]["train_workers"]] == [0, 1]
+
+
+def test_an_engine_killed_during_evaluation_fails_over_and_gives_the_same_result(
+        tiny_cfg_factory, tiny_policy, vllm_pool, failpoints):
+    from pipeline.evaluation import run_eval
+
+    cfg = tiny_cfg_factory()
+    vllm_pool.load_weights(tiny_policy)
+    clean = run_eval(cfg, tiny_policy, sampler=vllm_pool)
+    arm(failpoints, "sampler.generate", hit=1, action="kill")  # the engine's first eval chunk: SIGKILL
+    disturbed = run_eval(cfg, tiny_policy, sampler=vllm_pool)
+    assert fired(failpoints, "sampler.generate")
+    for key in ("greedy_accuracy", "greedy_by_bucket", f"maj@{cfg.eval.maj_n}_accuracy", "n_prompts"):
+        assert disturbed[key] == clean[key], key
+
+
+@pytest.mark.parametrize("point", ["driver.eval.json.written", "driver.eval.json.committed"])
+def test_a_driver_stopped_while_recording_an_eval_redoes_it_on_the_rerun(
+        tiny_cfg_factory, tiny_policy, vllm_pool, failpoints, point):
+    """Ctrl-C with the eval written but not in place, and in place but not recorded: the next run
+    takes neither as done and evaluates again; the result is the same."""
+    from pipeline.evaluation import eval_stage
+    from wpo_ray.rundir import RunDir
+
+    cfg = tiny_cfg_factory()
+    run = RunDir(cfg)
+    arm(failpoints, point, action="interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        eval_stage(cfg, run, 0, tiny_policy, vllm_pool)
+    assert run.done(0, "eval") is None
+    rerun = RunDir(cfg)
+    assert not (rerun.round_dir(0) / "eval.json.tmp").exists()
+    result = eval_stage(cfg, rerun, 0, tiny_policy, vllm_pool)
+    assert rerun.done(0, "eval")["greedy_accuracy"] == result["greedy_accuracy"]
+    assert json.loads(rerun.output(0, "eval.json").read_text()) == result
+
+
+@pytest.mark.parametrize("point, hit", [("bootstrap.step", 10), ("bootstrap.written", 1)])
+def test_a_driver_stopped_during_the_bootstrap_never_leaves_a_partial_cache_entry(tmp_path, failpoints, point, hit):
+    """Stopped mid-SFT, or with the entry written but not yet renamed into place: no cache entry
+    exists; the next run rebuilds a complete one, and the run after that reuses it."""
+    from wpo_ray.bootstrap import bootstrap_dir, check_policy_dir, run_bootstrap
+    from wpo_ray.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "configs" / "tiny-cpu.yaml", ["bootstrap.steps=40", "data.arithmetic.n_test=64",
+                                                          f"bootstrap.cache_dir={tmp_path / 'cache'}",
+                                                          f"run.dir={tmp_path / 'run'}"])
+    arm(failpoints, point, hit=hit, action="interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        run_bootstrap(cfg)
+    entry = bootstrap_dir(cfg)
+    assert not entry.exists()  # at most a *.tmp sibling, never taken as the cache entry
+    out = run_bootstrap(cfg)
+    assert out == entry and check_policy_dir(out) and json.loads((out / "bootstrap.json").read_text())["steps"] == 40
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert run_bootstrap(cfg) == entry and (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not entry.with_name(entry.name + ".tmp").exists()
