@@ -30,7 +30,7 @@ from wpo_ray.integrity import HashingCheckpointEngine, check_rank_manifests, ver
 from wpo_ray.losses import GammaPOMargins, dist_gather_fn
 from wpo_ray.rundir import DS_DIR, METRICS_FILE, POLICY_DIR, STATE_FILE, ledger_file
 from wpo_ray.step import encode_batch, model_device, pair_loss
-from wpo_ray.train_plan import deepspeed_config, zero_stage
+from wpo_ray.train_plan import deepspeed_config, lr_scheduler, zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,8 @@ def train_loop_per_worker(config: dict) -> None:
     model, tokenizer, ref_model = load_models(config, cfg, device)
     total_steps = config["total_steps"]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=deepspeed_config(cfg, total_steps), dist_init_required=False)
+                                      config=deepspeed_config(cfg, total_steps),
+                                      lr_scheduler=lr_scheduler(cfg, total_steps), dist_init_required=False)
     device = model_device(engine)  # where DeepSpeed placed the policy: its inputs go there
     engine.checkpoint_engine = HashingCheckpointEngine(engine.checkpoint_engine)
     if world == 1:

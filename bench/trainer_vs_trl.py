@@ -2,7 +2,7 @@
 
 Same tiny Llama (built in code, fixed seed, saved to a temp dir), same pairs (arithmetic train
 split: chosen = gold answer, rejected = gold + 1, a weight in [1, 2]), same beta, lr (1 warm-up
-step, then linear decay to 0: DeepSpeed's WarmupDecayLR refuses 0 warm-up steps), gradient
+step, then linear decay), gradient
 clipping 1.0, AdamW without weight decay, per-device batch size, fp32 on CPU, one epoch:
 
   ours  pipeline.training.run_training: Ray Data -> RefLogp actor stage (reference log-probs, computed and
@@ -81,6 +81,7 @@ def child_ours(a) -> dict:
     from pipeline.training import run_training
     from wpo_ray.cluster import init_ray
     from wpo_ray.config import load_config
+    from wpo_ray.rundir import METRICS_FILE
     from wpo_ray.train_plan import zero_stage
 
     threads = max(1, a.threads // a.workers_n)
@@ -98,7 +99,7 @@ def child_ours(a) -> dict:
     t0 = time.perf_counter()
     info = run_training(cfg, a.pairs_dir, Path(a.work) / "out", a.policy, a.policy, work)
     total = time.perf_counter() - t0
-    metrics = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    metrics = [json.loads(x) for x in (work / METRICS_FILE).read_text().splitlines() if x.strip()]
     import ray
 
     ray.shutdown()

@@ -17,7 +17,7 @@ DeepSpeed workers run (`wpo_ray.step`: encode_batch / pair_loss, γ-PO margins f
 `GammaPOMargins`). One optimizer step takes num_workers x micro_batch_size x grad_accum pairs
 and the run takes `optimizer_steps(n_pairs, cfg)` steps, i.e. what the DeepSpeed workers would do
 (gradients averaged over ranks = mean over the global micro-batch; γ-PO pools every rank's gaps),
-with DeepSpeed's WarmupDecayLR schedule and gradient clipping reproduced by hand. The pairs are
+with the workers' LR schedule (`wpo_ray.train_plan.lr_scheduler`) and gradient clipping. The pairs are
 reshuffled every epoch with a generator seeded by the experiment seed (the real workers read fixed
 prompt-id-ordered shards), identically for every cell and variant. A uniform run whose loss cannot
 depend on the weight placement (w = 1) is trained once and reported under both DPO cells.
@@ -59,7 +59,7 @@ from wpo_ray.losses import GammaPOMargins
 from wpo_ray.pairing import build_pairs
 from wpo_ray.rundir import atomic_write_text
 from wpo_ray.step import encode_batch, pair_loss, reference_logps
-from wpo_ray.train_plan import optimizer_steps, train_max_length
+from wpo_ray.train_plan import lr_scheduler, optimizer_steps, train_max_length
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,17 +116,6 @@ def pairs_reference_logps(model, tok, pairs: list[dict], max_length: int, chunk:
     return torch.cat([c for c, _ in ref]), torch.cat([r for _, r in ref])
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """lr / peak lr at optimizer step `step` (0-based) under the worker's DeepSpeed WarmupDecayLR:
-    the scheduler starts at warmup_min_lr (0) and is stepped after each optimizer step, so step i
-    uses the schedule's iteration i − 1 (linear warm-up it/warmup, then (total − it)/(total − warmup)).
-    As in the real worker, the first optimizer step (and the second when warmup > 0) has lr 0."""
-    it, total = step - 1, max(total, warmup + 1)
-    if it < 0:
-        return 0.0
-    return it / warmup if it < warmup else max(0.0, (total - it) / max(1, total - warmup))
-
-
 def train(cfg, loss_cfg, init_model, tok, pairs, max_length, ref, weights, seed):
     """One in-process run; returns (trained model, metrics). Order and init depend only on `seed`."""
     t = cfg.train
@@ -134,7 +123,7 @@ def train(cfg, loss_cfg, init_model, tok, pairs, max_length, ref, weights, seed)
     model = copy.deepcopy(init_model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.deepspeed.weight_decay)
     total = optimizer_steps(len(weights), cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, t.warmup_steps, total))
+    sched = lr_scheduler(cfg, total)(opt)  # the DeepSpeed workers' schedule
     margins_fn = GammaPOMargins(loss_cfg.gamma_po, loss_cfg.beta) if loss_cfg.gamma_po.enabled else None
     chunk = t.num_workers * t.micro_batch_size  # one micro-step of every rank together
     per_epoch = len(weights) // t.num_workers // t.micro_batch_size // t.grad_accum  # as optimizer_steps does

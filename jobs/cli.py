@@ -171,11 +171,11 @@ def _dispatch(args, cfg, run) -> int:
         return 0
     if args.verb == "train":
         from pipeline.training import run_training
-        from wpo_ray.rundir import commit, temp_path
+        from wpo_ray.rundir import RunLayout, commit, temp_path
 
         policy = resolve_policy(cfg)
         init_ray(cfg.ray)
-        out = (Path(args.output) if args.output else Path(cfg.run.dir) / "train" / "checkpoint").absolute()
+        out = (Path(args.output) if args.output else RunLayout(cfg.run.dir).train_verb_dir / "checkpoint").absolute()
         tmp = temp_path(out)  # `out` appears only complete
         run_training(cfg, args.pairs, tmp, policy, policy, out.parent)
         commit(tmp, out)

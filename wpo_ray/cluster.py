@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from .config import RayConfig
 from .logs import is_verbose, quiet_libraries, route_worker_output
@@ -56,7 +57,6 @@ def _loopback_only() -> None:
     already imported in this process, its constant too.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import sys
 
     if "ray._private.ray_constants" in sys.modules:
         sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
@@ -70,7 +70,8 @@ def data_context():
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     # Progress bars and per-execution dumps are Ray's chatter: run.log, or the console with ray.verbose.
-    ctx.enable_progress_bars = is_verbose()
+    # A live bar on a terminal (it redraws in place); none in a log or CI, where each redraw is a line.
+    ctx.enable_progress_bars = is_verbose() or sys.stderr.isatty()
     ctx.print_on_execution_start = False
     quiet_libraries()
     # The sort of pairs/skips falls back to this many partitions when the input block count is

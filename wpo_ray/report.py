@@ -253,7 +253,7 @@ def draw_figures(data: dict, out_dir: Path) -> dict[str, str]:
             ax = fig.add_subplot()
             ax.hist(values, bins=20, range=rng, color=color, edgecolor="white")
             ax.set(xlabel=xlabel, ylabel="count", title=f"round {r}: {xlabel.split(' =')[0]} (n={len(values)})")
-            name = f"{key}_round-{r:03d}.png"
+            name = f"{key}_{RunLayout.round_name(r)}.png"
             _save(fig, out_dir / name)
             images[f"{key}-{r}"] = name
 

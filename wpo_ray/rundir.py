@@ -100,6 +100,11 @@ class RunLayout:
         """Ray Train's working state and the step metrics of round r's training."""
         return self.round_dir(r) / "train"
 
+    @property
+    def train_verb_dir(self) -> Path:
+        """Where `wpo-ray train --pairs` (outside any round) keeps its state and checkpoint."""
+        return self.path / "train"
+
     def metrics_file(self, r: int) -> Path:
         return self.train_dir(r) / METRICS_FILE
 

@@ -42,16 +42,31 @@ def deepspeed_config(cfg: Config, total_steps: int) -> dict:
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": ds.grad_clip,
         "zero_optimization": zero,
+        # The schedule is ours (`lr_scheduler`), not DeepSpeed's WarmupDecayLR, which starts at
+        # warmup_min_lr: with warm-up its first step had lr 0 and trained nothing.
         "optimizer": {"type": ds.optimizer, "params": {"lr": t.lr, "weight_decay": ds.weight_decay}},
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": t.warmup_steps,
-                       "total_num_steps": max(total_steps, t.warmup_steps + 1), "warmup_type": "linear"},
-        },
         "bf16": {"enabled": t.use_gpu and cfg.model.dtype == "bfloat16"},
         "steps_per_print": 10**9,  # our own progress line replaces DeepSpeed's
         "wall_clock_breakdown": False,
     }
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """lr / peak lr of optimizer step `step` (1-based): linear warm-up over `warmup` steps (step 1
+    has lr/warmup), then linear decay that reaches lr/(total - warmup) at the last step. No step
+    has lr 0."""
+    if step <= warmup:
+        return step / warmup
+    return max(0.0, (total - step + 1) / max(1, total - warmup))
+
+
+def lr_scheduler(cfg: Config, total_steps: int):
+    """The callable DeepSpeed builds the LR schedule with (stepped after each optimizer step)."""
+    import torch
+
+    warmup = cfg.train.warmup_steps
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(i + 1, warmup, total_steps))
 
 
 def optimizer_steps(n_pairs: int, cfg: Config) -> int:

@@ -230,3 +230,25 @@ def test_nan_reference_logps_computed_while_the_workers_start_fail_the_run_namin
                      tiny_policy, str(ref), tmp_path / "out")
     assert not (tmp_path / "out" / "checkpoint").exists()
 
+
+
+def test_resume_on_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_shard(
+        zero2_run, tiny_cfg_factory, tiny_policy, arithmetic_pairs, tmp_path):
+    """A real DeepSpeed checkpoint of the ZeRO-2 run, one byte of a rank's optimizer shard
+    flipped: the resumed workers refuse it, naming the file, before DeepSpeed unpickles it."""
+    import shutil
+
+    from pipeline.training import run_training
+
+    cfg, out0, _ = zero2_run
+    work = tmp_path / "work"
+    shutil.copytree(out0, work, ignore=shutil.ignore_patterns("checkpoint"))
+    final = next((work / "ray_train").glob("checkpoint-*-final"))
+    shard = sorted(final.rglob("*optim_states.pt"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception) as e:
+        run_training(cfg, arithmetic_pairs, tmp_path / "checkpoint", tiny_policy, tiny_policy, work)
+    assert shard.name in str(e.value) and "SHA-256 differs" in str(e.value), str(e.value)[-2000:]
+    assert not (tmp_path / "checkpoint").exists()

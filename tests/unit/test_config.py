@@ -153,3 +153,22 @@ def test_streaming_overlap_needs_one_epoch_and_no_mid_round_checkpoints():
             load_config(None, [*ok, *bad])
     with pytest.raises(ConfigError, match="run.overlap"):
         load_config(None, ["run.overlap=sometimes"])
+
+
+def test_lr_schedule_has_no_step_at_lr_zero_and_follows_warmup_then_linear_decay():
+    import torch
+
+    from wpo_ray.train_plan import lr_factor, lr_scheduler
+
+    cfg = load_config(None, ["train.warmup_steps=2", "train.lr=0.01"])
+    assert [lr_factor(s, 2, 6) for s in range(1, 7)] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    assert [lr_factor(s, 0, 4) for s in range(1, 5)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    # As DeepSpeed drives it: built on the optimizer, stepped after each optimizer step.
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    sched = lr_scheduler(cfg, 6)(opt)
+    used = []
+    for _ in range(6):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert used == pytest.approx([0.005, 0.01, 0.01, 0.0075, 0.005, 0.0025]) and min(used) > 0
