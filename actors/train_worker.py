@@ -168,6 +168,27 @@ class StepLog:
             self.tb.close()
 
 
+def epoch_order(n: int, seed: int, rank: int, epoch: int) -> list[int]:
+    """The order a rank reads its n pairs in during `epoch`: a permutation seeded by the run seed,
+    the rank and the epoch, so that it differs per epoch and is the same on every restart."""
+    gen = torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1009 + epoch) & 0x7FFFFFFF)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def epoch_batches(shard, micro_batch_size: int, seed: int, rank: int, epoch: int):
+    """The rank's fixed shard, read whole (pairs are small next to a model) and cut in the epoch's
+    seeded order into full micro-batches (an equal shard gives every rank as many)."""
+    import pyarrow as pa
+
+    parts = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
+    if not parts:
+        return
+    table = pa.concat_tables(parts)
+    order = epoch_order(table.num_rows, seed, rank, epoch)
+    for i in range(0, len(order) - micro_batch_size + 1, micro_batch_size):
+        yield table.take(order[i : i + micro_batch_size])
+
+
 def load_models(config: dict, cfg: Config, device: torch.device | str = "cpu"):
     """(policy, tokenizer, reference model or None): each read from disk once. The reference model
     is loaded only when it runs on the worker (`train.reference_logps=worker`), on `device`."""
@@ -224,7 +245,9 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(t.epochs):
         if done:
             break
-        for batch in shard.iter_batches(batch_size=mb, batch_format="pyarrow", drop_last=True):
+        batches = (epoch_batches(shard, mb, cfg.run.seed, rank, epoch) if config.get("shuffle")
+                   else shard.iter_batches(batch_size=mb, batch_format="pyarrow", drop_last=True))
+        for batch in batches:
             seen += 1
             cols = batch.to_pydict()
             ids = [str(i) for i in cols.get("prompt_id") or []]

@@ -284,6 +284,7 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
             "cfg": cfg.model_dump(mode="json"), "policy_path": policy_path, "reference_path": reference_path,
             "total_steps": total, "max_length": max_length, "metrics_path": str(metrics_path),
             "tensorboard_dir": str(work_dir / "tensorboard"),
+            "shuffle": t.shuffle and stream is None,  # a stream is read once, in the order it flows
         },
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),

@@ -253,6 +253,9 @@ class TrainConfig(_Strict):
     micro_batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     epochs: int = Field(1, ge=1)
+    # Each epoch reads a rank's shard in a new order, seeded by run.seed, the rank and the epoch
+    # (the same on a restart). Not with run.overlap=streaming: a stream is read once, as it flows.
+    shuffle: bool = True
     max_steps: Optional[int] = Field(None, ge=1)
     lr: float = Field(5e-5, gt=0)
     warmup_steps: int = Field(0, ge=0)

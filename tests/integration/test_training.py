@@ -90,24 +90,26 @@ def test_one_worker_runs_without_partitioning_or_all_reduce_and_matches_two_zero
     """One worker skips ZeRO partitioning and the gradient all-reduce (nothing to split or average)
     and still takes the steps two ZeRO-2 workers take on the same 8 pairs per step.
 
-    The pairs are reordered so that the single worker's micro-batch k of 8 holds the pairs the
-    two ranks of `zero2_run` trained on at step k (4 each, read from their ledgers); the mean loss
-    over 8 pairs has the gradient the two ranks average. Only padding widths differ.
+    The pairs are laid out so that the single worker's micro-batch k of 8 holds the pairs the two
+    ranks of `zero2_run` trained on at step k (4 each, read from their ledgers, all three shuffled
+    epochs in one unshuffled pass); the mean loss over 8 pairs has the gradient the two ranks
+    average. Only padding widths differ.
     """
     import pyarrow.parquet as pq
 
     from pipeline.training import run_training
 
     _, out0, _ = zero2_run
-    r0, r1 = (x[:24] for x in _ledger(out0 / "checkpoint"))  # epoch 1 of each rank, in order
-    order = [i for k in range(0, 24, 4) for i in r0[k : k + 4] + r1[k : k + 4]]
+    r0, r1 = _ledger(out0 / "checkpoint")  # each rank's 3 epochs, in the order it applied them
+    assert len(r0) == len(r1) == 72 and r0[:24] != r0[24:48]  # a new order each epoch
+    order = [i for k in range(0, 72, 4) for i in r0[k : k + 4] + r1[k : k + 4]]
     table = pq.read_table(arithmetic_pairs)
     pos = {pid: n for n, pid in enumerate(table.column("prompt_id").to_pylist())}
     (tmp_path / "pairs").mkdir()
     pq.write_table(table.take([pos[i] for i in order]), tmp_path / "pairs" / "pairs.parquet")
 
-    cfg = tiny_cfg_factory("train.epochs=3", "train.deepspeed.zero_stage=2", "train.lr=0.002", "train.loss.base=dpo",
-                           "train.num_workers=1", "train.micro_batch_size=8")
+    cfg = tiny_cfg_factory("train.epochs=1", "train.shuffle=false", "train.deepspeed.zero_stage=2", "train.lr=0.002",
+                           "train.loss.base=dpo", "train.num_workers=1", "train.micro_batch_size=8")
     with caplog.at_level(logging.INFO, logger="pipeline"):
         info = run_training(cfg, tmp_path / "pairs", tmp_path / "checkpoint", tiny_policy, tiny_policy, tmp_path)
     assert info["steps"] == 18

@@ -126,3 +126,27 @@ def test_one_pairs_weight_scales_its_gradient_as_the_formula_says(tok_model, pla
     # Relative to the gradient's norm: BLAS reduction order differs between two forward passes.
     assert (gw - expected * g1).norm() <= 1e-7 * gw.norm()
     assert abs(expected - 1) > 0.1  # the check is not vacuous
+
+
+def test_epoch_order_is_a_seeded_permutation_new_each_epoch_and_the_same_on_a_restart():
+    import pyarrow as pa
+
+    from actors.train_worker import epoch_batches, epoch_order
+
+    orders = [epoch_order(40, seed=0, rank=0, epoch=e) for e in range(3)]
+    assert all(sorted(o) == list(range(40)) for o in orders)
+    assert orders[0] != orders[1] != orders[2] and orders[0] != list(range(40))
+    assert epoch_order(40, 0, 0, 1) == orders[1]  # a restarted worker reads the same order
+    assert epoch_order(40, 0, 1, 0) != orders[0] and epoch_order(40, 1, 0, 0) != orders[0]
+
+    class Shard:  # a Ray Data shard iterator, as far as the loop reads it
+        def __init__(self, table):
+            self.table = table
+
+        def iter_batches(self, batch_size, batch_format):
+            return (self.table.slice(i, batch_size) for i in range(0, self.table.num_rows, batch_size))
+
+    shard = Shard(pa.table({"prompt_id": [f"p{i}" for i in range(10)]}))
+    batches = [b.column("prompt_id").to_pylist() for b in epoch_batches(shard, 4, 0, 0, 2)]
+    want = [f"p{i}" for i in epoch_order(10, 0, 0, 2)]
+    assert batches == [want[:4], want[4:8]]  # whole micro-batches only, in the epoch's order
