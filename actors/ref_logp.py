@@ -18,12 +18,14 @@ from wpo_ray.step import encode_batch, model_device, reference_logps
 
 class RefLogpActor:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 max_length: int = 512, micro_batch_size: int = 16):
-        torch.set_num_threads(1)  # one core per actor: the pool, not the actor, scales out
+                 max_length: int = 512, micro_batch_size: int = 16, threads: int = 1, use_gpu: bool = False):
+        torch.set_num_threads(threads)  # the CPUs the actor reserved (train.reference.num_cpus_per_actor)
         setup_worker_logging()
         log_placement("ref-logp")
         verify_policy_dir(model_path)
-        self.model, self.tokenizer = load_hf_policy(model_path, dtype, trust_remote_code)
+        # On a GPU actor Ray sets CUDA_VISIBLE_DEVICES to its GPU: that is cuda:0 here.
+        device = "cuda" if use_gpu else "cpu"
+        self.model, self.tokenizer = load_hf_policy(model_path, dtype, trust_remote_code, device=device)
         self.max_length, self.micro = max_length, micro_batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:

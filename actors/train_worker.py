@@ -222,6 +222,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
     model, tokenizer, ref_model = load_models(config, cfg, device)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False  # a KV cache is useless in training and conflicts with it
     total_steps = config["total_steps"]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=deepspeed_config(cfg, total_steps),

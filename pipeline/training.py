@@ -249,15 +249,17 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
     max_length = train_max_length(cfg)
     ref_stage = t.loss.needs_reference and t.reference_logps == "precomputed" and not has_ref
     if ref_stage:
+        ref = t.reference
         ds = ds.map_batches(RefLogpActor, fn_constructor_kwargs=dict(
             model_path=reference_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-            max_length=max_length, micro_batch_size=t.micro_batch_size),
+            max_length=max_length, micro_batch_size=ref.micro_batch_size, threads=max(1, int(ref.num_cpus_per_actor)),
+            use_gpu=ref.num_gpus_per_actor > 0),
             # Streamed: each upstream block (one sampling batch's pairs) as it comes. A fixed batch
             # size makes Ray Data hold pairs back until that many have arrived, and a round of few
             # pairs per sampling batch then reached the workers only when sampling had ended.
-            batch_size=None if stream else 64, batch_format="pyarrow", concurrency=1, num_cpus=1,
-            num_gpus=1 if t.use_gpu else 0)
-        log.info("[train] reference log-probs precomputed by a RefLogp actor stage (%s)", reference_path)
+            batch_size=None if stream else ref.batch_size, batch_format="pyarrow", concurrency=ref.num_actors,
+            num_cpus=ref.num_cpus_per_actor, num_gpus=ref.num_gpus_per_actor)
+        log.info("[train] reference log-probs precomputed by %d RefLogp actor(s) (%s)", ref.num_actors, reference_path)
     elif t.loss.needs_reference and t.reference_logps == "worker":
         log.info("[train] reference model on each worker (%s)", reference_path)
     stage = zero_stage(cfg)

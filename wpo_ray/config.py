@@ -244,6 +244,28 @@ class DeepSpeedConfig(_Strict):
     optimizer: Literal["AdamW", "Adam"] = "AdamW"
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
+    # ZeRO offload to host memory: optimizer state (stage >= 1), parameters (stage 3 only).
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _offload(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (parameters are partitioned only there); "
+                             f"zero_stage is {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1 (stage 0 keeps no partitioned optimizer state)")
+        return self
+
+
+class ReferenceConfig(_Strict):
+    """The RefLogp actor pool that precomputes reference log-probs (train.reference_logps=precomputed)."""
+
+    num_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float = Field(0, ge=0)  # > 0: the model runs on the actor's GPU
+    num_cpus_per_actor: float = Field(1, gt=0)  # also its torch threads on CPU
+    batch_size: int = Field(64, ge=1)  # pairs per Ray Data batch (a staged round; a stream passes blocks)
+    micro_batch_size: int = Field(16, ge=1)  # pairs per forward pass
 
 
 class TrainConfig(_Strict):
@@ -261,6 +283,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     # precomputed: a RefLogp actor stage adds ref_*_logp to the pairs; worker: reference on the worker.
     reference_logps: Literal["precomputed", "worker"] = "precomputed"
+    reference: ReferenceConfig = ReferenceConfig()
+    # Recompute activations in backward instead of keeping them (less memory, ~1/3 more compute).
+    gradient_checkpointing: bool = False
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     max_failures: int = Field(1, ge=0)
     loss: LossConfig = LossConfig()

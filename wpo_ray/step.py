@@ -56,8 +56,11 @@ class PairLogps:
 
 
 def pair_logps(model, batch: dict[str, Tensor]) -> PairLogps:
-    """One forward pass over chosen and rejected together."""
-    return PairLogps(*split_pair_logps(*sequence_logps(model, batch)))
+    """One forward pass over chosen and rejected together, on the model's device (a batch built
+    for another model, e.g. the policy's for the reference, is moved; on the same device this
+    costs nothing)."""
+    device = model_device(model)
+    return PairLogps(*split_pair_logps(*sequence_logps(model, {k: v.to(device) for k, v in batch.items()})))
 
 
 @torch.no_grad()

@@ -37,6 +37,10 @@ def deepspeed_config(cfg: Config, total_steps: int) -> dict:
     zero: dict = {"stage": zero_stage(cfg)}
     if zero["stage"] == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # lets rank 0 write full HF weights
+    if ds.offload_optimizer and zero["stage"] >= 1:  # (a single worker runs stage 0: nothing to offload)
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if ds.offload_params and zero["stage"] == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,

@@ -172,3 +172,17 @@ def test_lr_schedule_has_no_step_at_lr_zero_and_follows_warmup_then_linear_decay
         opt.step()
         sched.step()
     assert used == pytest.approx([0.005, 0.01, 0.01, 0.0075, 0.005, 0.0025]) and min(used) > 0
+
+
+def test_memory_keys_reach_the_deepspeed_config_and_bad_combinations_name_the_key():
+    from wpo_ray.train_plan import deepspeed_config
+
+    cfg = load_config(None, ["train.deepspeed.zero_stage=3", "train.deepspeed.offload_optimizer=true",
+                             "train.deepspeed.offload_params=true", "train.num_workers=2"])
+    zero = deepspeed_config(cfg, 10)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert "offload_param" not in deepspeed_config(load_config(None, ["train.deepspeed.zero_stage=3"]), 10)["zero_optimization"]
+    with pytest.raises(ConfigError, match="train.deepspeed.*offload_params needs zero_stage 3"):
+        load_config(None, ["train.deepspeed.zero_stage=2", "train.deepspeed.offload_params=true"])
+    with pytest.raises(ConfigError, match="offload_optimizer needs zero_stage >= 1"):
+        load_config(None, ["train.deepspeed.zero_stage=0", "train.deepspeed.offload_optimizer=true"])

@@ -554,10 +554,14 @@ def test_rayjob_recipe_fits_its_cluster():
         pytest.fail(f"{config.relative_to(REPO)}, named by the RayJob entrypoint, does not exist", pytrace=False)
     cfg = load_config(config, [a for a in argv[argv.index("--config") + 2:] if "=" in a and not a.startswith("-")])
 
-    # The sampler pool keeps its GPUs for the whole run (jobs/run.py), next to the training workers.
+    # The sampler pool keeps its GPUs for the whole run (pipeline/round.py), next to the training
+    # workers; the RefLogp pool runs while the workers start.
     need = cfg.train.num_workers if cfg.train.use_gpu else 0
     if cfg.sampling.backend == "vllm":
         need += cfg.sampling.num_actors * cfg.sampling.num_gpus_per_actor
+    if cfg.train.loss.needs_reference and cfg.train.reference_logps == "precomputed":
+        need += cfg.train.reference.num_actors * cfg.train.reference.num_gpus_per_actor
+    assert cfg.train.reference.num_gpus_per_actor > 0, "a GPU recipe's reference forward would run on a CPU"
     have = sum(quantity(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
                * g.get("replicas", g["minReplicas"]) for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"])
     assert have >= need, f"the RayJob's cluster has {have} GPUs; {config.name} holds {need} at once"
