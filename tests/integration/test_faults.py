@@ -112,3 +112,25 @@ def test_a_driver_stopped_during_the_bootstrap_never_leaves_a_partial_cache_entr
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert run_bootstrap(cfg) == entry and (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert not entry.with_name(entry.name + ".tmp").exists()
+
+
+def test_a_vllm_engine_killed_mid_round_gives_the_round_an_undisturbed_run_gives(
+        tiny_cfg_factory, tiny_policy, vllm_pool, failpoints, tmp_path):
+    """The real vLLM engine SIGKILLed in its second sampling batch: Ray restarts it, the batch is
+    sampled again with the same per-prompt seeds, and no prompt is lost or sampled twice."""
+    from pipeline.sampling import run_sampling
+    from wpo_ray.rundir import RunDir
+
+    clean = tiny_cfg_factory(run_dir=tmp_path / "clean")
+    run_sampling(clean, RunDir(clean), 1, tiny_policy, pool=vllm_pool)
+    killed = tiny_cfg_factory(run_dir=tmp_path / "killed")
+    arm(failpoints, "sampler.sample", hit=2)
+    info = run_sampling(killed, RunDir(killed), 1, tiny_policy, pool=vllm_pool)
+    assert fired(failpoints, "sampler.sample"), "the failpoint never fired: nothing was tested"
+    assert info["pairs"] + info["skips"] == info["prompts"] == killed.data.arithmetic.n_train
+    samples = pq.read_table(tmp_path / "killed" / "round-001" / "samples")
+    assert sorted(samples.column("prompt_id").to_pylist()) == sorted(set(samples.column("prompt_id").to_pylist()))
+    read = lambda run, out: pq.read_table(tmp_path / run / "round-001" / out)  # noqa: E731
+    assert read("killed", "samples").column("responses").equals(read("clean", "samples").column("responses"))
+    for out in ("pairs", "skips"):
+        assert read("killed", out).equals(read("clean", out)), out

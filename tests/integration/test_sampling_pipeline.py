@@ -113,7 +113,7 @@ def test_sampler_engine_killed_mid_round_round_completes_exactly_once(tiny_cfg_f
         assert fired(failpoints, "sampler.sample"), "the failpoint never fired: nothing was tested"
         pairs = _check_round(run, cfg, info)  # contracts, and every prompt is exactly one pair or skip
         # Both engines answer again: the dead one was restarted by Ray.
-        assert ray_session.get([e.ready.remote() for e in pool.engines], timeout=300) == [True, True]
+        assert all(p["node_id"] for p in ray_session.get([e.ready.remote() for e in pool.engines], timeout=300))
         clean = tiny_cfg_factory(*over, run_dir=tmp_path / "clean")
         object.__setattr__(clean, "_policy", tiny_policy)
         _run(clean, pool)
