@@ -43,6 +43,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
+    from wpo_ray.losses import preference_loss  # the loss-only micro-benchmark below the step
     from wpo_ray.step import pair_logps, pair_loss
     from wpo_ray.config import LossConfig
 
@@ -63,18 +64,26 @@ def main() -> int:
             "loss": LossConfig(base="dpo", beta=args.beta, weight_placement="loss")}
     beta = args.beta
 
-    def plain_loss(model, b):  # the baseline: the same forward, a hand-written unweighted DPO loss
+    def plain_loss(pc, pr, lc, lr, b):  # the baseline: a hand-written unweighted DPO loss
+        return -F.logsigmoid(beta * ((pc - b["rc"]) - (pr - b["rr"]))).mean()
+
+    def plain_step(model, b):  # the same forward as the training step, then the baseline loss
         lp = pair_logps(model, b["coll"])
-        return -F.logsigmoid(beta * ((lp.chosen - b["rc"]) - (lp.rejected - b["rr"]))).mean()
+        return plain_loss(lp.chosen, lp.rejected, lp.chosen_lengths, lp.rejected_lengths, b)
 
     def weighted(name):
         cfg = cfgs[name]
 
-        def fn(model, b):  # the training step itself
+        def step_fn(model, b):  # the training step itself
             return pair_loss(model, b["coll"], cfg, b["w"], b["rc"], b["rr"]).loss
-        return fn
 
-    variants = {"plain": plain_loss, "margin": weighted("margin"), "loss": weighted("loss")}
+        def loss_fn(pc, pr, lc, lr, b):
+            return preference_loss(cfg, pc, pr, b["rc"], b["rr"], lc, lr, b["w"]).loss
+        return step_fn, loss_fn
+
+    (margin_step, margin_loss), (loss_step, loss_loss) = weighted("margin"), weighted("loss")
+    variants = {"plain": plain_step, "margin": margin_step, "loss": loss_step}
+    losses = {"plain": plain_loss, "margin": margin_loss, "loss": loss_loss}
     models = {k: copy.deepcopy(base) for k in variants}
     opts = {k: torch.optim.AdamW(models[k].parameters(), lr=5e-4) for k in variants}
     counters = {k: 0 for k in variants}
@@ -113,7 +122,7 @@ def main() -> int:
         order = names[r % 3 :] + names[: r % 3]
         for k in order:
             t0 = time.perf_counter()
-            variants[k](pc0, pr0, lc0, lc0, b0).backward()
+            losses[k](pc0, pr0, lc0, lc0, b0).backward()
             dt = time.perf_counter() - t0
             pc0.grad = pr0.grad = None
             if r >= 50:

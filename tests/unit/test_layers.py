@@ -102,7 +102,9 @@ def test_every_caller_uses_the_one_training_step(caller):
     imported = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert any(mod == "wpo_ray.step" for mod, _ in imported), caller
     beneath = {("wpo_ray.batching", n) for n in ("collate", "encode_pairs", "sequence_logps", "split_pair_logps")}
-    beneath |= {("wpo_ray.losses", "preference_loss"), ("wpo_ray.losses", "reward_gaps")}
+    if caller != "bench/weighted_step_overhead.py":  # it also times the loss alone, on purpose
+        beneath |= {("wpo_ray.losses", "preference_loss")}
+    beneath |= {("wpo_ray.losses", "reward_gaps")}
     assert not imported & beneath, f"{caller} bypasses wpo_ray.step: {sorted(imported & beneath)}"
 
 
