@@ -33,7 +33,7 @@ def test_streaming_round_trains_while_sampling_and_records_a_staged_rounds_outpu
     run = RunDir(cfg)
     rd = tmp_path / "streamed" / "round-001"
     arm(failpoints, "sampler.sample", hit=7, action=f"until:{rd / 'train' / 'metrics.jsonl'}")
-    info = run_round_streaming(cfg, run, 1, tiny_policy, tiny_policy, vllm_pool)
+    info = run_round_streaming(cfg, run, 1, tiny_policy, tiny_policy, vllm_pool, run.output(1, "checkpoint"))
     assert fired(failpoints, "sampler.sample")
     assert (failpoints / "sampler.sample.fired").read_text().splitlines()[-1] == "until: met"
 
