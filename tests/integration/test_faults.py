@@ -39,7 +39,8 @@ def test_a_worker_failing_on_every_attempt_stops_the_round_and_a_rerun_trains_cl
     from pipeline.round import LazySamplers, train_round
     from wpo_ray.rundir import RunDir, checkpoint_has_policy
 
-    cfg = tiny_cfg_factory("run.rounds=1", "train.max_failures=1")
+    # The reference on the workers: no RefLogp stage to start for each of the three trainings.
+    cfg = tiny_cfg_factory("run.rounds=1", "train.max_failures=1", "train.reference_logps=worker")
     run = _pairs_recorded(cfg, arithmetic_pairs)
     armed = arm(failpoints, "train.micro_step", hit=1, action="kill", every=True)
     with pytest.raises(Exception) as e:
@@ -57,15 +58,21 @@ def test_a_worker_failing_on_every_attempt_stops_the_round_and_a_rerun_trains_cl
 
 
 def test_an_engine_killed_during_evaluation_fails_over_and_gives_the_same_result(
-        tiny_cfg_factory, tiny_policy, vllm_pool, failpoints):
+        ray_session, tiny_cfg_factory, tiny_policy, failpoints):
+    """Two engines (transformers backend: a restart takes seconds, not a vLLM start); the first to
+    reach an evaluation chunk is SIGKILLed in it, its chunk goes to the other engine."""
+    from actors.sampler import SamplerPool
     from pipeline.evaluation import run_eval
 
-    cfg = tiny_cfg_factory()
-    vllm_pool.load_weights(tiny_policy)
-    clean = run_eval(cfg, tiny_policy, sampler=vllm_pool)
-    arm(failpoints, "sampler.generate", hit=1, action="kill")  # the engine's first eval chunk: SIGKILL
-    disturbed = run_eval(cfg, tiny_policy, sampler=vllm_pool)
-    assert fired(failpoints, "sampler.generate")
+    cfg = tiny_cfg_factory("sampling.backend=transformers", "sampling.num_actors=2")
+    pool = SamplerPool(cfg, tiny_policy)
+    try:
+        clean = run_eval(cfg, tiny_policy, sampler=pool)
+        arm(failpoints, "sampler.generate", hit=1, action="kill")
+        disturbed = run_eval(cfg, tiny_policy, sampler=pool)
+        assert fired(failpoints, "sampler.generate")
+    finally:
+        pool.shutdown()
     for key in ("greedy_accuracy", "greedy_by_bucket", f"maj@{cfg.eval.maj_n}_accuracy", "n_prompts"):
         assert disturbed[key] == clean[key], key
 

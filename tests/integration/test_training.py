@@ -242,7 +242,7 @@ def test_resume_on_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_shar
 
     from pipeline.training import run_training
 
-    cfg, out0, _ = zero2_run
+    cfg, out0, _ = zero2_run  # its config: the work dir refuses another job's (claim_work_dir)
     work = tmp_path / "work"
     shutil.copytree(out0, work, ignore=shutil.ignore_patterns("checkpoint"))
     final = next((work / "ray_train").glob("checkpoint-*-final"))
