@@ -195,11 +195,14 @@ def load_models(config: dict, cfg: Config, device: torch.device | str = "cpu"):
     from wpo_ray.generation import load_hf_policy
     from wpo_ray.integrity import verify_policy_dir
 
-    for key in ("policy_path", "reference_path"):  # a round's checkpoint: verified before it is read
-        verify_policy_dir(config[key])
+    on_worker = cfg.train.loss.needs_reference and cfg.train.reference_logps == "worker"
+    # A round's checkpoint is verified before it is read; each directory once (the reference is
+    # often the policy itself), and the reference only when this worker loads it.
+    for path in dict.fromkeys([config["policy_path"], *([config["reference_path"]] if on_worker else [])]):
+        verify_policy_dir(path)
     model, tokenizer = load_hf_policy(config["policy_path"], cfg.model.dtype, cfg.model.trust_remote_code)
     ref_model = None
-    if cfg.train.loss.needs_reference and cfg.train.reference_logps == "worker":
+    if on_worker:
         ref_model, _ = load_hf_policy(config["reference_path"], cfg.model.dtype, cfg.model.trust_remote_code,
                                       device=str(device))
     return model, tokenizer, ref_model
