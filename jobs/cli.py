@@ -101,7 +101,8 @@ def check_prompt_data(cfg, splits: tuple[str, ...]) -> None:
 
     plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"chat_template": False})})
     if "train" in splits:
-        load_prompts(plain.data, "train")
+        prompts, _ = load_prompts(plain.data, "train")
+        cfg.data.round_window(prompts.num_rows, cfg.run.rounds, cfg.run.rounds)  # a pool big enough
     if "test" in splits:
         test_rows(plain)  # the evaluation's own loader: also refuses a missing data.test_path
 

@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 class LazySamplers:
     """The run's sampler engines, started on first use (a resumed run that only writes its report
-    starts none) and shut down at the end."""
+    starts none) and shut down at the end; a pool handed in (a test's shared engine) is used as it
+    is and left running."""
 
-    def __init__(self, cfg: Config):
-        self.cfg, self.pool = cfg, None
+    def __init__(self, cfg: Config, pool=None):
+        self.cfg, self.pool, self.owned = cfg, pool, pool is None
 
     def __call__(self, policy: str):
         if self.pool is None:
@@ -41,7 +42,7 @@ class LazySamplers:
         return self.pool
 
     def shutdown(self) -> None:
-        if self.pool is not None:
+        if self.pool is not None and self.owned:
             self.pool.shutdown()
 
 
@@ -59,7 +60,7 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
     run.stage(r, "train", produce, outputs=("checkpoint",))
 
 
-def run_rounds(cfg: Config, run: RunDir) -> int:
+def run_rounds(cfg: Config, run: RunDir, pool=None) -> int:
     from wpo_ray.bootstrap import resolve_policy
     from wpo_ray.cluster import init_ray
     from wpo_ray.report import write_report
@@ -69,7 +70,7 @@ def run_rounds(cfg: Config, run: RunDir) -> int:
              cfg.run.rounds, cfg.train.loss.base, cfg.weighting.scheme, cfg.run.reference, cfg.run.overlap)
     initial = resolve_policy(cfg)
     init_ray(cfg.ray)
-    samplers = LazySamplers(cfg)
+    samplers = LazySamplers(cfg, pool)
     try:
         if not run.done(0, "eval"):
             eval_stage(cfg, run, 0, initial, samplers(initial))

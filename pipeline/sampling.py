@@ -61,7 +61,7 @@ def grade_stage(ds, cfg: Config):
 
 def prompts_stage(cfg: Config, run: RunDir, r: int, policy_path: str) -> int:
     """The round's prompts (and the loader's bad rows, as skips); returns the good prompt rows."""
-    from wpo_ray.prompts import load_prompts
+    from wpo_ray.prompts import load_prompts, round_prompts
 
     def produce(out) -> dict:
         tokenizer = None
@@ -69,7 +69,8 @@ def prompts_stage(cfg: Config, run: RunDir, r: int, policy_path: str) -> int:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
-        prompts, bad = load_prompts(cfg.data, "train", tokenizer=tokenizer)
+        prompts, bad = round_prompts(*load_prompts(cfg.data, "train", tokenizer=tokenizer), cfg.data,
+                                     cfg.run.rounds, r)
         tmp = out("prompts")
         tmp.mkdir(parents=True)
         pq.write_table(prompts, tmp / "prompts.parquet")

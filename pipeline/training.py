@@ -320,6 +320,7 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
     state = json.loads((output_dir / STATE_FILE).read_text())
     steps = state["optimizer_steps"]
     info = {"pairs": n_pairs, "steps": steps, "seconds": round(time.time() - t0, 1),
+            "policy": str(policy_path), "reference": str(reference_path),
             "placement": {"train_workers": state.get("placement", [])}}
     log.info("[train] done: %d steps in %.1fs", steps, info["seconds"])
     return info

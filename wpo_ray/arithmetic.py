@@ -23,6 +23,13 @@ from a uniform structure sampler (steps uniform in 1..max_steps, operations unif
 :data:`MUL_MAX_TOTAL_DIGITS` operand digits in total, so products stay below 10^5 and answers stay
 ≤ ~6 digits (7 with max_digits=6).
 
+Responses. With ``format: answer`` the response is the bare answer (``"37*48="`` → ``"1776"``); with
+``format: worked`` it is a one-line worked solution whose last ``|``-separated field is the answer
+(``"37*48="`` → ``"37*8|296|37*4|148|296+1480|1776"``, :func:`worked_solution`). Either way the
+grader checks the final answer only. The worked steps give samples of a question something to
+differ in, wrong answers cluster around typical slips (a dropped carry), and hard questions become
+solvable step by step for a small model.
+
 Splits are deterministic given ``cfg.seed``; the train split never contains a prompt of the test
 split; prompts are unique within a split while the question space allows it. A split of ``n`` rows
 is a prefix of the same split with more rows (the bootstrap SFT set of 20 000 rows starts with the
@@ -39,8 +46,9 @@ import pyarrow as pa
 from wpo_ray.config import ArithmeticTaskConfig
 from wpo_ray.contracts import PROMPTS
 
-#: Every character a prompt or an answer can contain, in a fixed order (tokenizer vocabulary).
-ALPHABET = "0123456789+-*="
+#: Every character a prompt or a response can contain, in a fixed order (tokenizer vocabulary);
+#: ``|`` separates the fields of a worked solution.
+ALPHABET = "0123456789+-*=|"
 
 OPS = ("+", "-", "*")
 BUCKETS = ("easy", "medium", "hard")
@@ -151,6 +159,99 @@ def difficulty(expr: str) -> str:
     return bucket_of(difficulty_score(*tokenize(expr)))
 
 
+# ------------------------------------------------------------------------------------ worked solutions
+
+
+def _digits(x: int) -> list[int]:
+    """Decimal digits of a non-negative integer, least significant first."""
+    return [int(c) for c in reversed(str(x))]
+
+
+def _column_add(a: int, b: int) -> list[str]:
+    """``37+48`` → ``7+8 | 15 | 3+4+1 | 8 | 85``: each column's sum (with the carry), then the result."""
+    da, db = _digits(a), _digits(b)
+    fields, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        terms = [str(d[i]) for d in (da, db) if i < len(d)] + ([str(carry)] if carry else [])
+        total = sum(int(t) for t in terms)
+        fields += ["+".join(terms), str(total)]
+        carry = total // 10
+    return fields + [str(a + b)]
+
+
+def _column_sub(a: int, b: int) -> list[str]:
+    """``82-37`` (a ≥ b) → ``12-7 | 5 | 7-3 | 4 | 45``: each column's top digit after borrowing."""
+    da, db = _digits(a), _digits(b)
+    fields, borrow = [], 0
+    for i in range(len(da)):
+        top, low = da[i] - borrow, db[i] if i < len(db) else 0
+        borrow = int(top < low)
+        top += 10 * borrow
+        fields += [f"{top}-{low}", str(top - low)]
+    return fields + [str(a - b)]
+
+
+def _times_digit(a: int, d: int) -> list[str]:
+    """``37*8`` → ``7*8 | 56 | 3*8+5 | 29 | 296``: digit by digit with the carry."""
+    fields, carry = [], 0
+    for x in _digits(a):
+        expr = f"{x}*{d}" + (f"+{carry}" if carry else "")
+        total = x * d + carry
+        fields += [expr, str(total)]
+        carry = total // 10
+    return fields + [str(a * d)]
+
+
+def _long_mul(a: int, b: int) -> list[str]:
+    """``37*48`` → ``37*8 | 296 | 37*4 | 148 | 296+1480 | 1776``: partial products, then their sum."""
+    fields, shifted = [], []
+    for i, d in enumerate(_digits(b)):
+        fields += [f"{a}*{d}", str(a * d)]
+        shifted.append(str(a * d * 10**i))
+    return fields + ["+".join(shifted), str(a * b)]
+
+
+def _work_one(a: int, op: str, b: int) -> list[str]:
+    """The fields of one binary operation on non-negative operands, ending in its value."""
+    if op == "+":
+        return [str(a + b)] if a < 10 and b < 10 else _column_add(a, b)
+    if op == "-":
+        if a < b:  # the other way round, then the sign
+            inner = [str(b - a)] if b < 10 else _column_sub(b, a)
+            return [f"{b}-{a}", *inner, str(a - b)]
+        return [str(a - b)] if a < 10 else _column_sub(a, b)
+    if a < 10 and b < 10:
+        return [str(a * b)]  # a table fact
+    if b < 10 or a < 10:  # one multi-digit operand: digit by digit
+        big, small = (a, b) if b < 10 else (b, a)
+        return _times_digit(big, small)
+    return _long_mul(a, b)
+
+
+def worked_solution(operands: list[int], ops: list[str]) -> str:
+    """A one-line worked solution whose last ``|``-separated field is the answer.
+
+    A single operation is worked column by column (see the helpers above); a 1-digit fact is just
+    its value. A longer expression is worked one operation at a time in evaluation order
+    (multiplications first), each as ``x op y | value``, so ``12*7-9`` → ``12*7|84|84-9|75``.
+    """
+    if len(ops) == 1:
+        return "|".join(_work_one(operands[0], ops[0], operands[1]))
+    fields: list[str] = []
+    values, rest_ops = list(operands), list(ops)
+    for wanted in ("*", "+-"):  # precedence: multiplication chains, then +/- left to right
+        i = 0
+        while i < len(rest_ops):
+            if rest_ops[i] in wanted:
+                x, op, y = values[i], rest_ops[i], values[i + 1]
+                v = x * y if op == "*" else x + y if op == "+" else x - y
+                fields += [f"{x}{op}{y}", str(v)]
+                values[i : i + 2], rest_ops[i : i + 1] = [v], []
+            else:
+                i += 1
+    return "|".join(fields)
+
+
 # ------------------------------------------------------------------------------------ sampling
 
 
@@ -238,7 +339,7 @@ def _generate(cfg: ArithmeticTaskConfig, split: str, n: int, exclude: frozenset[
                 "prompt_id": f"arith-{split}-{len(rows):06d}",
                 "prompt": prompt,
                 "gold_answer": answer,
-                "gold_solution": answer,
+                "gold_solution": worked_solution(*tokenize(prompt)) if cfg.format == "worked" else answer,
                 "difficulty": bucket,
             }
         )

@@ -1,8 +1,10 @@
 """SFT bootstrap of the tiny arithmetic policy (docs/DESIGN.md).
 
-Trains the locally built Llama on `<s>question=answer</s>` until its greedy accuracy on a held-out
-slice of the train distribution reaches the middle of the target band, so the preference rounds
-start from a policy that gets easy questions right and hard ones wrong. Cached by a hash of
+Trains the locally built Llama on `<s>question=solution</s>` (the bare answer, or the worked solution
+with `data.arithmetic.format=worked`) until its greedy accuracy on a held-out slice of the train
+distribution says stop: every bucket named in `bootstrap.stop_at` at its minimum, or (when that is
+empty) the overall accuracy at the middle of `bootstrap.target_accuracy`. So the preference rounds
+start from a policy that gets easy questions right and hard ones mostly wrong. Cached by a hash of
 everything that determines the result: a rerun with the same config returns instantly.
 """
 
@@ -30,7 +32,10 @@ def bootstrap_key(cfg: Config) -> str:
     b.pop("cache_dir")
     # n_train (prompts per round) does not enter the SFT; n_test does (test prompts are excluded).
     task = cfg.data.arithmetic.model_dump(mode="json", exclude={"n_train"})
-    what = {"bootstrap": b, "task": task, "seed": cfg.run.seed, "max_tokens": cfg.sampling.max_tokens}
+    from .arithmetic import ALPHABET  # the tokenizer's vocabulary
+
+    what = {"bootstrap": b, "task": task, "seed": cfg.run.seed, "max_tokens": cfg.sampling.max_tokens,
+            "alphabet": ALPHABET}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -40,14 +45,14 @@ def bootstrap_dir(cfg: Config) -> Path:
 
 
 def _batches(rows, tokenizer, batch_size, gen):
-    """Right-padded SFT batches with the loss on answer tokens and EOS only."""
+    """Right-padded SFT batches with the loss on solution tokens and EOS only."""
     import torch
 
     order = torch.randperm(len(rows), generator=gen).tolist()
     for i in range(0, len(order) - batch_size + 1, batch_size):
         chunk = [rows[j] for j in order[i : i + batch_size]]
         prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in chunk]  # BOS + prompt
-        answer_ids = [tokenizer(r["gold_answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer_ids = [tokenizer(r["gold_solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                       for r in chunk]
         width = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
@@ -59,6 +64,14 @@ def _batches(rows, tokenizer, batch_size, gen):
             labels[k, len(p) : len(seq)] = torch.tensor(a)
             mask[k, : len(seq)] = 1
         yield ids, mask, labels
+
+
+def should_stop(b, dev_accuracy: float, dev_by_bucket: dict[str, float]) -> bool:
+    """The early-stopping rule: every bucket in ``b.stop_at`` at its minimum dev accuracy, or, when
+    ``stop_at`` is empty, the overall dev accuracy at the middle of ``b.target_accuracy``."""
+    if b.stop_at:
+        return all(dev_by_bucket.get(k, 0.0) >= v for k, v in b.stop_at.items())
+    return dev_accuracy >= sum(b.target_accuracy) / 2
 
 
 def run_bootstrap(cfg: Config, force: bool = False) -> Path:
@@ -96,10 +109,11 @@ def run_bootstrap(cfg: Config, force: bool = False) -> Path:
     )
     gen = torch.Generator().manual_seed(cfg.run.seed)
     target = sum(b.target_accuracy) / 2
+    rule = (", ".join(f"{k} >= {v:.2f}" for k, v in b.stop_at.items()) if b.stop_at else f">= {target:.2f}")
     sampler = HFSampler(model, tokenizer)
-    step, dev_acc, loss_val = 0, 0.0, float("nan")
+    step, dev_acc, dev_by, loss_val, done = 0, 0.0, {}, float("nan"), False
     log.info(f"[bootstrap] SFT of a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter policy "
-        f"on {len(train_rows)} questions, up to {b.steps} steps; stops at dev accuracy >= {target:.2f}")
+        f"on {len(train_rows)} questions, up to {b.steps} steps; stops at dev accuracy {rule}")
     while step < b.steps:
         for ids, mask, labels in _batches(train_rows, tokenizer, b.batch_size, gen):
             model.train()
@@ -114,19 +128,23 @@ def run_bootstrap(cfg: Config, force: bool = False) -> Path:
             loss_val = loss.item()
             if step % 100 == 0 or step == b.steps:
                 model.eval()
-                dev_acc = evaluate(sampler, dev_rows, grader, max_tokens=max_tokens)["greedy_accuracy"]
+                dev = evaluate(sampler, dev_rows, grader, max_tokens=max_tokens)
+                dev_acc, dev_by = dev["greedy_accuracy"], dev["greedy_by_bucket"]
+                by = " ".join(f"{k} {v:.2f}" for k, v in dev_by.items())
                 log.info(f"[bootstrap] step {step}/{b.steps} loss {loss_val:.3f} dev greedy acc {dev_acc:.3f} "
-                    f"({time.time() - t0:.0f}s)")
-                if dev_acc >= target:
+                    f"({by}) ({time.time() - t0:.0f}s)")
+                done = should_stop(b, dev_acc, dev_by)
+                if done:
                     break
             if step >= b.steps:
                 break
-        if dev_acc >= target:
+        if done:
             break
 
     model.eval()
     test = evaluate(sampler, test_rows, grader, max_tokens=max_tokens)
     info = {"steps": step, "seconds": round(time.time() - t0, 1), "final_loss": loss_val, "dev_accuracy": dev_acc,
+            "dev_by_bucket": dev_by,
             "test_greedy_accuracy": test["greedy_accuracy"], "test_by_bucket": test["greedy_by_bucket"],
             "target_accuracy": list(b.target_accuracy), "key": bootstrap_key(cfg)}
     # Write to a temp dir and rename: a crash never leaves a half-written cache entry.

@@ -96,6 +96,16 @@ class BootstrapConfig(_Strict):
     cache_dir: str = ".cache/wpo-ray/bootstrap"
     # Greedy test accuracy the bootstrap aims at; only reported, never forced.
     target_accuracy: tuple[float, float] = (0.3, 0.7)
+    # Per-bucket minimum dev accuracies, e.g. {easy: 0.7, hard: 0.05}: SFT stops once all are met.
+    # Empty: it stops at the middle of target_accuracy overall.
+    stop_at: dict[Literal["easy", "medium", "hard"], float] = {}
+
+    @model_validator(mode="after")
+    def _stop_at(self) -> "BootstrapConfig":
+        bad = {k: v for k, v in self.stop_at.items() if not 0 < v <= 1}
+        if bad:
+            raise ValueError(f"bootstrap.stop_at: accuracies must be in (0, 1], got {bad}")
+        return self
 
 
 class FieldMap(_Strict):
@@ -113,6 +123,9 @@ class ArithmeticTaskConfig(_Strict):
     max_digits: int = Field(2, ge=1, le=6)
     max_steps: int = Field(1, ge=1, le=4)
     seed: int = 1234
+    # answer: the response is the bare result; worked: a one-line worked solution ending in it
+    # (wpo_ray/arithmetic.py), which the SFT targets and gold answers of pairs follow too.
+    format: Literal["answer", "worked"] = "answer"
 
 
 class DataConfig(_Strict):
@@ -126,6 +139,31 @@ class DataConfig(_Strict):
     on_bad_row: Literal["error", "skip"] = "error"
     arithmetic: ArithmeticTaskConfig = ArithmeticTaskConfig()
     max_prompts: Optional[int] = Field(None, ge=1)
+    # Prompts each round samples, in consecutive windows of the train split (fresh questions every
+    # round), or the first ones every round with reuse_prompts. Unset: the whole split every round.
+    prompts_per_round: Optional[int] = Field(None, ge=1)
+    reuse_prompts: bool = False
+
+    def round_window(self, pool_size: int, rounds: int, r: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of the train split that round ``r`` (1-based) of ``rounds`` samples.
+
+        ``prompts_per_round`` unset: the whole split, every round. Set to k: round r takes rows
+        ``[(r-1)k, rk)``, fresh questions each round, or rows ``[0, k)`` every round with
+        ``reuse_prompts``. A pool too small for every round is refused, naming the keys.
+        """
+        k = self.prompts_per_round
+        if k is None:
+            return 0, pool_size
+        need = k if self.reuse_prompts else k * max(rounds, r)
+        if need > pool_size:
+            pool_key = "data.arithmetic.n_train" if self.source == "arithmetic" else "data.train_path"
+            raise ValueError(
+                f"data.prompts_per_round={k} for {max(rounds, r)} round(s) without reuse needs {need} train "
+                f"prompts; the train split ({pool_key}) has {pool_size}: lower data.prompts_per_round, give "
+                "more prompts, or set data.reuse_prompts=true"
+            )
+        start = 0 if self.reuse_prompts else (r - 1) * k
+        return start, start + k
 
     @model_validator(mode="after")
     def _paths(self) -> "DataConfig":
@@ -319,6 +357,14 @@ class Config(_Strict):
             if self.train.checkpoint_every:
                 raise ValueError("run.overlap=streaming restarts a failed round's training from its start (the "
                                  "stream cannot be replayed from the middle); train.checkpoint_every must be 0")
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_pool(self) -> "Config":
+        d = self.data
+        if d.source == "arithmetic":  # a file's pool is checked when it is read
+            d.round_window(min(d.arithmetic.n_train, d.max_prompts or d.arithmetic.n_train), self.run.rounds,
+                           self.run.rounds)
         return self
 
     def digest(self, *sections: str) -> str:

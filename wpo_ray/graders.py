@@ -298,20 +298,29 @@ class Grader:
 _INT_RE = re.compile(r"-?\d+")
 
 
-def arithmetic_check(response: str, gold_answer: str) -> Grade:
-    """The built-in arithmetic task: the response up to its first whitespace must be an integer.
+_STEP_RE = re.compile(r"[0-9+\-*=]+")
 
-    ``-?digits`` only (no ``+5``, no ``5.0``); compared as integers, so ``"007"`` equals ``"7"`` and
-    ``"-0"`` equals ``"0"``. Anything else (empty, ``"12a"``, ``"1,000"``) is invalid.
+
+def arithmetic_check(response: str, gold_answer: str) -> Grade:
+    """The built-in arithmetic task: the response up to its first whitespace, bare or worked.
+
+    A bare answer is ``-?digits``; a worked solution is ``step|step|...|answer`` (wpo_ray/arithmetic.py)
+    and only its last field, the answer, is checked: steps are not graded, but each must be a
+    non-empty run of ``0-9 + - * =``. Compared as integers, so ``"007"`` equals ``"7"`` and ``"-0"``
+    equals ``"0"``. Anything else (empty, ``"12a"``, ``"1,000"``, ``"7+8||15"``, ``"7+8|"``) is invalid.
     """
     if gold_answer is None or not _INT_RE.fullmatch(str(gold_answer).strip()):
         return Grade("invalid", None, f"gold answer {gold_answer!r} is not an integer")
     parts = (response or "").split(maxsplit=1)
     if not parts:
         return Grade("invalid", None, "empty response")
-    token = parts[0]
+    *steps, token = parts[0].split("|")
+    for i, step in enumerate(steps):
+        if not _STEP_RE.fullmatch(step):
+            return Grade("invalid", None, f"malformed step {i + 1}: {step[:40]!r}")
     if not _INT_RE.fullmatch(token):
-        return Grade("invalid", None, f"not an integer: {token[:40]!r}")
+        what = "no final answer after the last '|'" if steps and not token else f"not an integer: {token[:40]!r}"
+        return Grade("invalid", None, what)
     value = int(token)
     verdict = "correct" if value == int(str(gold_answer).strip()) else "wrong"
     return Grade(verdict, str(value))

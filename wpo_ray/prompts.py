@@ -291,6 +291,14 @@ def _chat(prompts: list[str], tokenizer) -> list[str]:
     return out
 
 
+def round_prompts(prompts: pa.Table, bad: pa.Table, cfg: DataConfig, rounds: int, r: int) -> tuple[pa.Table, pa.Table]:
+    """Round r's slice of the train split (:func:`round_window`) and the loader's bad rows it reports:
+    every round's, unless rounds take fresh windows (:meth:`DataConfig.round_window`), when round 1 reports them once."""
+    start, stop = cfg.round_window(prompts.num_rows, rounds, r)
+    windowed = cfg.prompts_per_round is not None and not cfg.reuse_prompts
+    return prompts.slice(start, stop - start), bad.slice(0, 0) if windowed and r > 1 else bad
+
+
 def load_prompts(
     cfg: DataConfig, split: Literal["train", "test"], tokenizer=None
 ) -> tuple[pa.Table, pa.Table]:

@@ -196,9 +196,10 @@ def test_bad_split_name(cfg):
 
 def test_alphabet_closure_and_minimal(train, test_rows):
     assert len(set(ar.ALPHABET)) == len(ar.ALPHABET)
+    worked = ar.make_split(ArithmeticTaskConfig(format="worked"), "train", n=300)
     used = set()
-    for r in train + test_rows:
-        text = r["prompt"] + r["gold_answer"]
+    for r in train + test_rows + worked:
+        text = r["prompt"] + r["gold_answer"] + r["gold_solution"]
         assert set(text) <= set(ar.ALPHABET), text
         used |= set(text)
     assert used == set(ar.ALPHABET)  # minimal: every character is needed
@@ -222,3 +223,44 @@ def test_default_task_has_every_bucket_with_single_operations():
     assert Counter(r["difficulty"] for r in rows).keys() == set(ar.BUCKETS)
     assert all(len(re.findall(r"(?<=\d)[-+*]", r["prompt"])) == 1 for r in rows)
     assert any(re.fullmatch(r"\d{2}\*\d{2}=", r["prompt"]) for r in rows if r["difficulty"] == "hard")
+
+
+# ------------------------------------------------------------------------------------ worked solutions
+
+
+@pytest.mark.parametrize(
+    "expr, solution",
+    [
+        ("7*8=", "56"),  # a table fact is just its value
+        ("3+5=", "8"),
+        ("37+48=", "7+8|15|3+4+1|8|85"),  # column sums with the carry
+        ("8+37=", "8+7|15|3+1|4|45"),
+        ("85+37=", "5+7|12|8+3+1|12|122"),
+        ("82-37=", "12-7|5|7-3|4|45"),  # column differences after borrowing
+        ("33-85=", "85-33|5-3|2|8-3|5|52|-52"),  # the other way round, then the sign
+        ("3-5=", "5-3|2|-2"),
+        ("37*8=", "7*8|56|3*8+5|29|296"),  # digit by digit with the carry
+        ("8*37=", "7*8|56|3*8+5|29|296"),
+        ("37*48=", "37*8|296|37*4|148|296+1480|1776"),  # partial products, then their sum
+        ("37*40=", "37*0|0|37*4|148|0+1480|1480"),
+        ("12*7-9=", "12*7|84|84-9|75"),  # longer expressions: one operation at a time
+        ("3-5*2+1=", "5*2|10|3-10|-7|-7+1|-6"),
+    ],
+)
+def test_worked_solution_by_hand(expr, solution):
+    assert ar.worked_solution(*ar.tokenize(expr)) == solution
+
+
+def test_worked_solutions_end_in_the_answer_and_grade_correct():
+    from wpo_ray.graders import arithmetic_check
+
+    cfg = ArithmeticTaskConfig(format="worked", max_digits=3, max_steps=3)
+    rows = ar.make_split(cfg, "train", n=600)
+    for r in rows:
+        assert r["gold_solution"].split("|")[-1] == r["gold_answer"] == str(ar.evaluate(r["prompt"]))
+        assert arithmetic_check(r["gold_solution"], r["gold_answer"]).verdict == "correct", r
+    # Multi-digit questions are worked in steps; the bare format keeps the answer as the solution.
+    assert sum("|" in r["gold_solution"] for r in rows) > len(rows) / 2
+    bare = ar.make_split(cfg.model_copy(update={"format": "answer"}), "train", n=600)
+    assert [r["prompt"] for r in bare] == [r["prompt"] for r in rows]  # the format changes no question
+    assert all(r["gold_solution"] == r["gold_answer"] for r in bare)

@@ -80,12 +80,31 @@ def test_out_of_range_values_name_the_key(override, key, expected):
         (["train.loss.base=ipo", "train.loss.gamma_po.enabled=true"], "train.loss", "gamma_po needs a base"),
         (["train.loss.base=dpo", "train.loss.label_smoothing=0.1"], "train.loss", "label_smoothing applies only"),
         (["data.source=jsonl"], "data", "data.train_path is required"),
+        (["data.arithmetic.n_train=500", "data.prompts_per_round=200", "run.rounds=3"], "<root>",
+         "data.prompts_per_round=200 for 3 round(s) without reuse needs 600 train prompts; the train split "
+         "(data.arithmetic.n_train) has 500"),
+        (["bootstrap.stop_at={hard: 1.5}"], "bootstrap", "bootstrap.stop_at: accuracies must be in (0, 1]"),
+        (["bootstrap.stop_at={tricky: 0.5}"], "bootstrap.stop_at.tricky.[key]", "'easy'"),
+        (["data.arithmetic.format=essay"], "data.arithmetic.format", "'answer'"),
     ],
 )
 def test_undefined_combinations_are_rejected(overrides, key, expected):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert f"  {key}:" in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def test_round_windows_take_fresh_prompts_each_round_or_reuse_the_first():
+    fresh = load_config(None, ["data.arithmetic.n_train=600", "data.prompts_per_round=200", "run.rounds=3"]).data
+    assert [fresh.round_window(600, 3, r) for r in (1, 2, 3)] == [(0, 200), (200, 400), (400, 600)]
+    reuse = fresh.model_copy(update={"reuse_prompts": True})
+    assert [reuse.round_window(600, 3, r) for r in (1, 2, 3)] == [(0, 200)] * 3
+    assert load_config(None, ["data.arithmetic.n_train=300", "data.prompts_per_round=200", "run.rounds=3",
+                              "data.reuse_prompts=true"]).data.reuse_prompts
+    whole = load_config(None).data  # unset: every round samples the whole split, as before
+    assert whole.round_window(256, 2, 2) == (0, 256)
+    with pytest.raises(ValueError, match="needs 800 train prompts"):  # `sample --round 4` of a 3-round run
+        fresh.round_window(600, 3, 4)
 
 
 def test_defined_combinations_load():
@@ -186,3 +205,14 @@ def test_memory_keys_reach_the_deepspeed_config_and_bad_combinations_name_the_ke
         load_config(None, ["train.deepspeed.zero_stage=2", "train.deepspeed.offload_params=true"])
     with pytest.raises(ConfigError, match="offload_optimizer needs zero_stage >= 1"):
         load_config(None, ["train.deepspeed.zero_stage=0", "train.deepspeed.offload_optimizer=true"])
+
+
+def test_bootstrap_stops_when_every_named_bucket_reaches_its_minimum():
+    from wpo_ray.bootstrap import should_stop
+
+    b = load_config(None, ["bootstrap.stop_at={easy: 0.7, hard: 0.05}"]).bootstrap
+    assert not should_stop(b, 0.9, {"easy": 0.95, "medium": 0.9, "hard": 0.04})
+    assert not should_stop(b, 0.9, {"easy": 0.95, "medium": 0.9})  # a bucket not seen is not met
+    assert should_stop(b, 0.2, {"easy": 0.7, "medium": 0.0, "hard": 0.05})
+    plain = load_config(None).bootstrap  # no stop_at: the middle of target_accuracy, overall
+    assert should_stop(plain, 0.5, {}) and not should_stop(plain, 0.49, {"easy": 1.0, "medium": 1.0, "hard": 1.0})

@@ -81,6 +81,16 @@ def gsm8k_grader():
         ("4.0", "4", "invalid", None),
         ("1,000", "1000", "invalid", None),
         ("=4", "4", "invalid", None),
+        # Worked solutions: only the final field is checked; a malformed one is invalid.
+        ("37*8|296|37*4|148|296+1480|1776", "1776", "correct", "1776"),
+        ("37*8|296|37*4|148|296+1480|1766", "1776", "wrong", "1766"),
+        ("1*1|9|1776", "1776", "correct", "1776"),  # steps are not graded
+        ("7+8|15|-52 tail", "-52", "correct", "-52"),
+        ("7+8||15", "15", "invalid", None),  # an empty step
+        ("7+8|", "15", "invalid", None),  # no final answer
+        ("|15", "15", "invalid", None),
+        ("7+a|15", "15", "invalid", None),  # a step outside the task's alphabet
+        ("7+8|1a", "15", "invalid", None),
     ],
 )
 def test_arithmetic_grader(arithmetic_grader, response, gold, verdict, extracted):

@@ -11,7 +11,7 @@ import pytest
 
 from wpo_ray.config import ArithmeticTaskConfig, DataConfig, FieldMap
 from wpo_ray.contracts import PROMPTS, SKIPS
-from wpo_ray.prompts import PromptDataError, load_prompts
+from wpo_ray.prompts import PromptDataError, load_prompts, round_prompts
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 GSM8K = DATA / "gsm8k_sample.jsonl"
@@ -341,3 +341,21 @@ def test_hf_disk_dataset_and_dict(tmp_path):
     missing = DataConfig(source="hf_disk", train_path=str(tmp_path / "absent"))
     with pytest.raises(PromptDataError, match="not found"):
         load_prompts(missing, "train")
+
+
+def test_round_prompts_are_fresh_windows_and_bad_rows_are_reported_once():
+    cfg = jsonl_cfg(GSM8K, on_bad_row="skip")
+    prompts, _ = load_prompts(cfg, "train")
+    bad = pa.Table.from_pylist([{"prompt_id": "x"}] * 2)
+    k = prompts.num_rows // 2
+    windowed = cfg.model_copy(update={"prompts_per_round": k})
+    ids = prompts.column("prompt_id").to_pylist()
+    r1, bad1 = round_prompts(prompts, bad, windowed, 2, 1)
+    r2, bad2 = round_prompts(prompts, bad, windowed, 2, 2)
+    assert r1.column("prompt_id").to_pylist() == ids[:k] and r2.column("prompt_id").to_pylist() == ids[k : 2 * k]
+    assert (bad1.num_rows, bad2.num_rows) == (2, 0)  # each input row is accounted for in one round only
+    with pytest.raises(ValueError, match=f"needs {3 * k} train prompts.*has {prompts.num_rows}"):
+        round_prompts(prompts, bad, windowed, 3, 1)  # refused in round 1, before any sampling
+    # Unset: the whole split and its bad rows in every round, as before.
+    again, bad_again = round_prompts(prompts, bad, cfg, 2, 2)
+    assert again.column("prompt_id").to_pylist() == ids and bad_again.num_rows == 2

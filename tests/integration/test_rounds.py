@@ -1,0 +1,82 @@
+"""Iterative rounds through the whole pipeline: round 2 samples round 1's policy (the engine took
+its weights), its weights are recomputed from its own samples, the reference is the previous
+policy, and a driver interrupted inside round 2 resumes without redoing a finished stage."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.integration
+
+STAGES_ROUND_1 = ("prompts", "samples", "graded", "pairs", "skips", "train", "checkpoint", "eval.json")
+
+
+def _state(run_dir, r: int, name: str) -> dict:
+    d = run_dir / f"round-{r:03d}" / name
+    files = [d] if d.is_file() else sorted(p for p in d.rglob("*") if p.is_file())
+    return {str(f.relative_to(run_dir)): f.stat().st_mtime_ns for f in files}
+
+
+def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_resume_in_round_two(
+        tiny_cfg_factory, tiny_policy, vllm_pool, failpoints, tmp_path):
+    from pipeline.round import run_rounds
+    from wpo_ray.failpoints import arm, fired
+    from wpo_ray.generation import prompt_seed
+    from wpo_ray.rundir import RunDir
+
+    # The same 16 questions in both rounds, so that their samples and weights can be compared.
+    cfg = tiny_cfg_factory("run.rounds=2", "run.reference=previous", "data.prompts_per_round=16",
+                           "data.reuse_prompts=true", "eval.max_prompts=16", run_dir=tmp_path / "run")
+    run_dir = tmp_path / "run"
+    manifest = lambda: json.loads((run_dir / "manifest.json").read_text())["stages"]  # noqa: E731
+    try:
+        # Interrupted once round 2's graded answers are in place, before they are recorded.
+        arm(failpoints, "driver.graded.committed", hit=2, action="interrupt")
+        with pytest.raises(KeyboardInterrupt):
+            run_rounds(cfg, RunDir(cfg), pool=vllm_pool)
+        assert fired(failpoints, "driver.graded.committed")
+        before = manifest()
+        assert {"round-001/train", "round-001/eval", "round-002/samples"} <= set(before)
+        assert "round-002/graded" not in before
+        finished = {k: v for k, v in before.items()}
+        files = {(r, n): _state(run_dir, r, n) for r, n in [(1, s) for s in STAGES_ROUND_1] +
+                 [(2, "prompts"), (2, "samples")]}
+
+        assert run_rounds(cfg, RunDir(cfg), pool=vllm_pool) == 0
+        after = manifest()
+        for key, entry in finished.items():  # nothing recorded was redone
+            assert after[key] == entry, key
+        for (r, n), state in files.items():
+            assert _state(run_dir, r, n) == state, (r, n)
+        assert {"round-002/graded", "round-002/train", "round-002/eval"} <= set(after)
+
+        policy1 = str(RunDir(cfg).policy_dir(1))
+        assert after["round-002/samples"]["policy"] == policy1
+        assert after["round-002/train"]["reference"] == policy1  # run.reference=previous
+
+        # Round 2's samples are what the engine draws with round 1's weights (the same per-prompt
+        # seeds), and not what it draws with the initial ones.
+        samples2 = pq.read_table(run_dir / "round-002" / "samples").to_pylist()
+        prompts = [row["prompt"] for row in samples2]
+        seeds = [prompt_seed(cfg.run.seed, 2, row["prompt_id"]) for row in samples2]
+        s = cfg.sampling
+
+        def redraw(policy: str) -> list[list[str]]:
+            vllm_pool.load_weights(policy)
+            return [[c.text for c in comps] for comps in
+                    vllm_pool.generate(prompts, seeds, s.n, s.temperature, s.top_p, s.max_tokens)]
+
+        recorded = [row["responses"] for row in samples2]
+        assert redraw(policy1) == recorded
+        assert redraw(tiny_policy) != recorded
+
+        # The weights are recomputed from round 2's own outcomes.
+        w1 = {p["prompt_id"]: p["weight"] for p in pq.read_table(run_dir / "round-001" / "pairs").to_pylist()}
+        w2 = {p["prompt_id"]: p["weight"] for p in pq.read_table(run_dir / "round-002" / "pairs").to_pylist()}
+        shared = w1.keys() & w2.keys()
+        assert shared and any(w1[k] != w2[k] for k in shared), (w1, w2)
+    finally:
+        vllm_pool.load_weights(tiny_policy)  # the shared engine as the other tests expect it
