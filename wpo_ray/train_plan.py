@@ -48,7 +48,11 @@ def deepspeed_config(cfg: Config, total_steps: int) -> dict:
         "zero_optimization": zero,
         # The schedule is ours (`lr_scheduler`), not DeepSpeed's WarmupDecayLR, which starts at
         # warmup_min_lr: with warm-up its first step had lr 0 and trained nothing.
-        "optimizer": {"type": ds.optimizer, "params": {"lr": t.lr, "weight_decay": ds.weight_decay}},
+        # On CPU, torch's own Adam(W): DeepSpeed's FusedAdam is JIT-compiled into a shared cache on
+        # first use, and a build that is killed leaves a lock every later worker waits on forever
+        # (docs/ENVIRONMENT.md). On GPU the fused kernel is the fast one.
+        "optimizer": {"type": ds.optimizer, "params": {"lr": t.lr, "weight_decay": ds.weight_decay,
+                                                       "torch_adam": not t.use_gpu}},
         "bf16": {"enabled": t.use_gpu and cfg.model.dtype == "bfloat16"},
         "steps_per_print": 10**9,  # our own progress line replaces DeepSpeed's
         "wall_clock_breakdown": False,

@@ -216,3 +216,12 @@ def test_bootstrap_stops_when_every_named_bucket_reaches_its_minimum():
     assert should_stop(b, 0.2, {"easy": 0.7, "medium": 0.0, "hard": 0.05})
     plain = load_config(None).bootstrap  # no stop_at: the middle of target_accuracy, overall
     assert should_stop(plain, 0.5, {}) and not should_stop(plain, 0.49, {"easy": 1.0, "medium": 1.0, "hard": 1.0})
+
+
+def test_cpu_training_uses_torch_adam_and_gpu_training_the_fused_kernel():
+    from wpo_ray.train_plan import deepspeed_config
+
+    # FusedAdam is JIT-built into a shared cache on CPU; a killed build leaves a lock that hangs
+    # every later worker, so CPU runs use torch's Adam(W).
+    assert deepspeed_config(load_config(None), 10)["optimizer"]["params"]["torch_adam"] is True
+    assert deepspeed_config(load_config(None, ["train.use_gpu=true"]), 10)["optimizer"]["params"]["torch_adam"] is False

