@@ -28,7 +28,7 @@ from wpo_ray.config import Config
 from wpo_ray.failpoints import failpoint
 from wpo_ray.integrity import HashingCheckpointEngine, check_rank_manifests, verify_checkpoint, write_manifest
 from wpo_ray.losses import GammaPOMargins, dist_gather_fn
-from wpo_ray.rundir import DS_DIR, METRICS_FILE, POLICY_DIR, STATE_FILE, ledger_file
+from wpo_ray.rundir import DS_DIR, METRICS_FILE, POLICY_DIR, STATE_FILE, gamma_po_file, ledger_file
 from wpo_ray.step import encode_batch, model_device, pair_loss
 from wpo_ray.train_plan import deepspeed_config, lr_scheduler, zero_stage
 
@@ -105,8 +105,11 @@ def _restore(engine, margins_fn, rank: int, ckpt) -> Progress:
         engine.load_checkpoint(str(d / DS_DIR), tag="ds")
         progress.applied = json.loads((d / ledger_file(rank)).read_text())
         progress.micro_done, progress.step = state["micro_steps"], state["optimizer_steps"]
-        if margins_fn is not None and state.get("gamma_po_queue") is not None:
-            margins_fn.load_state_dict({"queue": torch.tensor(state["gamma_po_queue"], dtype=torch.float64)})
+        if margins_fn is not None:  # this rank's own queue (older checkpoints: rank 0's, in the state)
+            own = d / gamma_po_file(rank)
+            queue = json.loads(own.read_text()) if own.exists() else state.get("gamma_po_queue")
+            if queue is not None:
+                margins_fn.load_state_dict({"queue": torch.tensor(queue, dtype=torch.float64)})
         if (d / METRICS_FILE).exists():
             progress.metrics_lines = (d / METRICS_FILE).read_text().splitlines()
     if rank == 0:
@@ -126,11 +129,12 @@ def _report_checkpoint(engine, tokenizer, cfg: Config, progress: Progress, margi
         if final:
             _save_hf(engine, tokenizer, d / POLICY_DIR, rank, zero_stage(cfg))
         (d / ledger_file(rank)).write_text(json.dumps(progress.applied))
+        if margins_fn is not None:
+            (d / gamma_po_file(rank)).write_text(json.dumps(margins_fn.state_dict()["queue"].tolist()))
         if rank == 0:
-            queue = margins_fn.state_dict()["queue"].tolist() if margins_fn is not None else None
             (d / STATE_FILE).write_text(json.dumps({"micro_steps": progress.micro_done,
                                                     "optimizer_steps": progress.step, "world_size": world, "placement": placement,
-                                                    "gamma_po_queue": queue, "final": final}))
+                                                    "final": final}))
             lines = progress.metrics_lines
             (d / METRICS_FILE).write_text("\n".join(lines) + ("\n" if lines else ""))
         write_manifest(d, rank, engine.checkpoint_engine.written)  # last: it vouches for the rest
@@ -272,6 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
             out = pair_loss(engine, inputs, loss_cfg, cols.get("weight") or [1.0] * len(cols["prompt"]),
                             cols.get("ref_chosen_logp"), cols.get("ref_rejected_logp"), ref_model, margins_fn)
             boundary = engine.is_gradient_accumulation_boundary()
+            lr = engine.get_lr()[0]  # the rate this optimizer step applies (the schedule moves on in step())
             engine.backward(out.loss)
             engine.step()
             progress.micro_done += 1
@@ -285,7 +290,7 @@ def train_loop_per_worker(config: dict) -> None:
             m["tokens_per_s"] = tokens / max(dt, 1e-9)
             m = _mean_across_ranks(m)
             m["tokens_per_s"] *= world
-            m.update(step=progress.step, epoch=epoch, lr=engine.get_lr()[0], step_seconds=dt, time=time.time())
+            m.update(step=progress.step, epoch=epoch, lr=lr, step_seconds=dt, time=time.time())
             accum, tokens, t_step = [], 0, time.time()
             steps.write(m)
             if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and progress.step < total_steps:

@@ -43,6 +43,11 @@ def ledger_file(rank: int) -> str:
     return f"pairs-applied-rank{rank:03d}.json"
 
 
+def gamma_po_file(rank: int) -> str:
+    """A rank's γ-PO gap queue (each rank keeps and restores its own; with the gather they agree)."""
+    return f"gamma-po-queue-rank{rank:03d}.json"
+
+
 def checkpoint_has_policy(path: Path) -> bool:
     p = Path(path) / POLICY_DIR
     return (p / "config.json").is_file() and any(p.glob("*.safetensors"))

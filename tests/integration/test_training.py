@@ -37,6 +37,12 @@ def test_zero2_loss_goes_down_and_starts_at_ln2(zero2_run):
     assert last < first - 0.05, (first, last)
     assert m[-1]["rewards/accuracy"] > 0.5
     assert all(x["tokens_per_s"] > 0 for x in m)
+    # The lr each step applied: warm-up, then linear decay to a last step that still trains.
+    from wpo_ray.train_plan import lr_factor
+
+    assert [x["lr"] for x in m] == pytest.approx([cfg.train.lr * lr_factor(s, cfg.train.warmup_steps, 18)
+                                                  for s in range(1, 19)])
+    assert m[-1]["lr"] > 0
     assert (out / "checkpoint" / "deepspeed").is_dir()
     assert list((out / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events written"
 
@@ -173,19 +179,26 @@ def _as_trl_jsonl(pairs_dir, out_dir):
     return out_dir
 
 
-def test_zero3_on_trl_format_pairs_with_reference_on_worker(ray_session, tiny_cfg_factory, tiny_policy,
-                                                           arithmetic_pairs, tmp_path):
-    from wpo_ray.rundir import checkpoint_has_policy
+def test_zero3_on_trl_format_pairs_with_reference_on_worker_and_gamma_po_margins_agreed_by_both_ranks(
+        ray_session, tiny_cfg_factory, tiny_policy, arithmetic_pairs, tmp_path):
+    from wpo_ray.rundir import checkpoint_has_policy, gamma_po_file
     from pipeline.training import run_training
 
-    cfg = tiny_cfg_factory("train.deepspeed.zero_stage=3", "train.reference_logps=worker")
+    # γ-PO with a small τ, so that its margins vary from pair to pair.
+    cfg = tiny_cfg_factory("train.deepspeed.zero_stage=3", "train.reference_logps=worker",
+                           "train.loss.gamma_po.enabled=true", "train.loss.gamma_po.tau=0.1")
     trl = _as_trl_jsonl(arithmetic_pairs, tmp_path / "trl")
     info = run_training(cfg, trl, tmp_path / "checkpoint", tiny_policy, tiny_policy, tmp_path)
     m = _metrics(tmp_path / "metrics.jsonl")
     assert info["steps"] == 6 and len(m) == 6
-    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference: every gap 0
     assert checkpoint_has_policy(tmp_path / "checkpoint")
     assert {x["weight/mean"] for x in m} == {1.0}  # TRL data without a weight column trains uniformly
+    # Each rank pooled every rank's gaps (the all_gather), so both hold the same queue: the gaps of
+    # all 48 pairs, and so computed the same margins; and the margins did vary.
+    queues = [json.loads((tmp_path / "checkpoint" / gamma_po_file(r)).read_text()) for r in (0, 1)]
+    assert queues[0] == queues[1] and len(queues[0]) == 48 and len(set(queues[0])) > 1
+    assert max(x["gamma_po/margin_std"] for x in m) > 0
 
 
 def test_nan_weight_is_refused_before_any_worker_starts(ray_session, tiny_cfg_factory, tiny_policy, arithmetic_pairs,
