@@ -1,4 +1,4 @@
-"""`wpo-ray` command line: run | bootstrap | sample | train | eval | report.
+"""`wpo-ray` command line: run | bootstrap | sample | train | eval | report | plan.
 
 Every verb takes a YAML config and dotted overrides: `wpo-ray run configs/tiny-cpu.yaml train.loss.beta=0.2`.
 The `jobs/<verb>.py` entry points (for `ray job submit`) call `main` with their verb.
@@ -40,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     ev = verb("eval", "greedy accuracy and maj@N of a policy on the test split")
     ev.add_argument("--model", help="policy directory (default: the config's initial policy)")
     verb("report", "write report.html + PNGs for a run directory")
+    pl = verb("plan", "print what the run asks Ray for, per role, and check that a cluster can hold it")
+    pl.add_argument("--cluster", metavar="YAML", help="a KubeRay RayCluster or RayJob manifest")
+    pl.add_argument("--nodes", type=int, help="a cluster of N identical nodes (with --gpus-per-node)")
+    pl.add_argument("--gpus-per-node", type=float, default=None)
+    pl.add_argument("--cpus-per-node", type=float, default=None, help="default: 8 per GPU, at least 8")
+    pl.add_argument("--params", type=float, help="the policy's parameter count, e.g. 7.6e9 (default: read "
+                    "from model.path/config.json)")
+    pl.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
     return p
 
 
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_console(cfg.ray.verbose)
     try:
         run = preflight(args, cfg)
-        if args.verb != "report":
+        if args.verb not in ("report", "plan"):
             add_log_file(RunLayout(cfg.run.dir).log_file)
         return _dispatch(args, cfg, run)
     except KeyboardInterrupt:
@@ -120,6 +128,8 @@ def preflight(args, cfg):
     from wpo_ray.rundir import RunDir
 
     run = None
+    if args.verb == "plan":
+        return None
     if args.verb == "train":
         pairs_files(Path(args.pairs))
     if args.verb == "sample":
@@ -186,12 +196,31 @@ def _dispatch(args, cfg, run) -> int:
         from pipeline.round import run_rounds
 
         return run_rounds(cfg, run)
+    if args.verb == "plan":
+        return _plan(args, cfg)
     if args.verb == "report":
         from wpo_ray.report import write_report
 
         print(write_report(cfg.run.dir))
         return 0
     raise AssertionError(args.verb)
+
+
+def _plan(args, cfg) -> int:
+    from wpo_ray.plan import PlanError, describe, load_cluster, nodes_from_counts
+
+    if args.cluster and args.nodes:
+        raise ValueError("give --cluster or --nodes, not both")
+    if args.nodes is not None and args.gpus_per_node is None:
+        raise ValueError("--nodes needs --gpus-per-node")
+    nodes = (load_cluster(args.cluster) if args.cluster else
+             nodes_from_counts(args.nodes, args.gpus_per_node, args.cpus_per_node) if args.nodes else None)
+    try:
+        print(describe(cfg, nodes, args.gpu_memory_gib, int(args.params) if args.params else None))
+    except PlanError as e:
+        print(f"wpo-ray plan: does not fit: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def entry(verb: str):

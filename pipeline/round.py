@@ -60,6 +60,17 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
     run.stage(r, "train", produce, outputs=("checkpoint",))
 
 
+def check_cluster(cfg: Config) -> None:
+    """The resource plan (wpo_ray/plan.py) against the nodes Ray has now: a run the cluster cannot
+    hold fails here, naming the role, not hours later when that role's actors wait forever."""
+    import ray
+
+    from wpo_ray.plan import check_fit, check_roles, nodes_from_ray, roles
+
+    check_roles(cfg)
+    check_fit(roles(cfg), nodes_from_ray(ray.nodes()))
+
+
 def run_rounds(cfg: Config, run: RunDir, pool=None) -> int:
     from wpo_ray.bootstrap import resolve_policy
     from wpo_ray.cluster import init_ray
@@ -68,8 +79,9 @@ def run_rounds(cfg: Config, run: RunDir, pool=None) -> int:
     t_start = time.time()
     log.info("[run] %s (%d round(s), loss %s, weighting %s, reference policy: %s, overlap: %s)", run.path,
              cfg.run.rounds, cfg.train.loss.base, cfg.weighting.scheme, cfg.run.reference, cfg.run.overlap)
-    initial = resolve_policy(cfg)
     init_ray(cfg.ray)
+    check_cluster(cfg)
+    initial = resolve_policy(cfg)
     samplers = LazySamplers(cfg, pool)
     try:
         if not run.done(0, "eval"):

@@ -80,3 +80,18 @@ def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_
         assert shared and any(w1[k] != w2[k] for k in shared), (w1, w2)
     finally:
         vllm_pool.load_weights(tiny_policy)  # the shared engine as the other tests expect it
+
+
+def test_a_run_the_cluster_cannot_hold_is_refused_before_anything_starts(ray_session, tiny_cfg_factory, tmp_path,
+                                                                         capsys):
+    """`wpo-ray run` checks the resource plan against the nodes Ray has (here the embedded Ray of
+    the test session: CPUs only) before the bootstrap or an engine starts, naming the role."""
+    from jobs.cli import main
+    from tests.conftest import ROOT, TINY_OVERRIDES
+
+    code = main(["run", str(ROOT / "configs" / "tiny-cpu.yaml"), *TINY_OVERRIDES, "train.use_gpu=true",
+                 f"run.dir={tmp_path / 'run'}", "bootstrap.cache_dir=" + str(tmp_path / "no-cache")])
+    err = capsys.readouterr().err
+    assert code == 1 and "trainers: the run holds 2 GPUs at once" in err and "the cluster has 0" in err, err
+    assert not (tmp_path / "no-cache").exists()  # no bootstrap ran
+    assert not list((tmp_path / "run").glob("round-*"))

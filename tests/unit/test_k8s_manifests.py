@@ -554,23 +554,29 @@ def test_rayjob_recipe_fits_its_cluster():
         pytest.fail(f"{config.relative_to(REPO)}, named by the RayJob entrypoint, does not exist", pytrace=False)
     cfg = load_config(config, [a for a in argv[argv.index("--config") + 2:] if "=" in a and not a.startswith("-")])
 
-    # The sampler pool keeps its GPUs for the whole run (pipeline/round.py), next to the training
-    # workers; the RefLogp pool runs while the workers start.
-    need = cfg.train.num_workers if cfg.train.use_gpu else 0
-    if cfg.sampling.backend == "vllm":
-        need += cfg.sampling.num_actors * cfg.sampling.num_gpus_per_actor
-    if cfg.train.loss.needs_reference and cfg.train.reference_logps == "precomputed":
-        need += cfg.train.reference.num_actors * cfg.train.reference.num_gpus_per_actor
+    # The resource plan (wpo_ray/plan.py) places every actor of the run on the cluster's pods.
+    from wpo_ray.plan import check_fit, check_roles, nodes_from_raycluster, roles
+
     assert cfg.train.reference.num_gpus_per_actor > 0, "a GPU recipe's reference forward would run on a CPU"
-    have = sum(quantity(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
-               * g.get("replicas", g["minReplicas"]) for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"])
-    assert have >= need, f"the RayJob's cluster has {have} GPUs; {config.name} holds {need} at once"
+    check_roles(cfg)
+    check_fit(roles(cfg), nodes_from_raycluster(doc, "k8s/rayjob.yaml"))
 
     paths = [cfg.run.dir, cfg.model.path, cfg.data.train_path, cfg.data.test_path]
     for name, pod in ray_pod_specs("RayJob", doc).items():
         mounts = [m["mountPath"].rstrip("/") for m in pod["containers"][0].get("volumeMounts", [])]
         for p in (p for p in paths if p and p.startswith("/")):
             assert any(p == m or p.startswith(m + "/") for m in mounts), f"{name}: {p} is on no mounted volume"
+
+
+@pytest.mark.parametrize("recipe", ["qwen2-7b-gsm8k.yaml", "qwen2-7b-math.yaml"])
+def test_every_gpu_recipe_fits_the_shipped_cluster(recipe):
+    from wpo_ray.config import load_config
+    from wpo_ray.plan import check_fit, check_roles, nodes_from_raycluster, roles
+
+    cfg = load_config(REPO / "configs" / recipe)
+    check_roles(cfg)
+    placed = check_fit(roles(cfg), nodes_from_raycluster(manifest("RayCluster"), "k8s/raycluster.yaml"))
+    assert not any(node == "head" for _, node in placed), "nothing may land on the CPU head (num-cpus 0)"
 
 
 def test_rayjob_cluster_is_the_raycluster():
