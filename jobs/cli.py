@@ -1,4 +1,4 @@
-"""`wpo-ray` command line: run | bootstrap | sample | train | eval | report | plan.
+"""`wpo-ray` command line: run | bootstrap | sample | train | eval | report | plan | export.
 
 Every verb takes a YAML config and dotted overrides: `wpo-ray run configs/tiny-cpu.yaml train.loss.beta=0.2`.
 The `jobs/<verb>.py` entry points (for `ray job submit`) call `main` with their verb.
@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--params", type=float, help="the policy's parameter count, e.g. 7.6e9 (default: read "
                     "from model.path/config.json)")
     pl.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    ex = verb("export", "write a round's pairs (of run.dir) as a dataset for another trainer")
+    ex.add_argument("--round", type=int, required=True, help="the round whose pairs to export")
+    ex.add_argument("--format", choices=["trl"], default="trl", help="trl: prompt/chosen/rejected Parquet")
+    ex.add_argument("--output", help="directory (default: <run.dir>/export/round-NNN-trl)")
     return p
 
 
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_console(cfg.ray.verbose)
     try:
         run = preflight(args, cfg)
-        if args.verb not in ("report", "plan"):
+        if args.verb not in ("report", "plan", "export"):
             add_log_file(RunLayout(cfg.run.dir).log_file)
         return _dispatch(args, cfg, run)
     except KeyboardInterrupt:
@@ -125,10 +129,17 @@ def preflight(args, cfg):
     """
     from wpo_ray.bootstrap import check_policy_dir
     from wpo_ray.contracts import pairs_files
-    from wpo_ray.rundir import RunDir
+    from wpo_ray.rundir import RunDir, RunLayout
 
     run = None
     if args.verb == "plan":
+        return None
+    if args.verb == "export":
+        layout = RunLayout(cfg.run.dir)
+        stages = json.loads(layout.manifest_file.read_text())["stages"] if layout.manifest_file.is_file() else {}
+        if f"{layout.round_name(args.round)}/pairs" not in stages:
+            raise ValueError(f"run.dir {layout.path}: round {args.round} has no recorded pairs to export "
+                             f"(recorded: {sorted(k for k in stages if k.endswith('/pairs')) or 'none'})")
         return None
     if args.verb == "train":
         pairs_files(Path(args.pairs))
@@ -198,6 +209,14 @@ def _dispatch(args, cfg, run) -> int:
         return run_rounds(cfg, run)
     if args.verb == "plan":
         return _plan(args, cfg)
+    if args.verb == "export":
+        from wpo_ray.export import export_trl
+        from wpo_ray.rundir import RunLayout
+
+        layout = RunLayout(cfg.run.dir)
+        out = Path(args.output) if args.output else layout.path / "export" / f"{layout.round_name(args.round)}-trl"
+        print(export_trl(layout.output(args.round, "pairs"), out))
+        return 0
     if args.verb == "report":
         from wpo_ray.report import write_report
 
