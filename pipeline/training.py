@@ -18,6 +18,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -174,11 +175,52 @@ def _content_ids(batch: pa.Table) -> pa.Table:
     return batch.append_column("prompt_id", pa.array(ids, pa.string()))
 
 
-def read_pairs(source: str | Path, cfg: Config):
+def _converted_trl(files: list[Path], fmt: str, cfg: Config, tokenizer_path: Optional[str]):
+    """A TRL dataset in another layout than standard explicit-prompt (wpo_ray/trl_format.py), as a
+    Ray dataset of explicit prompt/chosen/rejected strings; None when it needs no conversion. The
+    rows pass through the driver once: this is for imported datasets, not a round's pairs."""
+    import json
+
+    import ray.data
+
+    from wpo_ray.trl_format import needs_conversion, to_explicit_strings
+
+    if fmt == "parquet":
+        first = pq.ParquetFile(files[0]).read_row_group(0).slice(0, 1).to_pylist() if pq.ParquetFile(
+            files[0]).metadata.num_rows else []
+    else:
+        line = next((ln for ln in files[0].read_text(encoding="utf-8").splitlines() if ln.strip()), None)
+        first = [json.loads(line)] if line else []
+    if not needs_conversion(first[0] if first else None):
+        return None
+    tokenizer = None
+    if isinstance(first[0].get("chosen"), list) and tokenizer_path:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    rows: list[dict] = []
+    for f in files:
+        if fmt == "parquet":
+            part = pq.read_table(f).to_pylist()
+        else:
+            part = []
+            for i, ln in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                if ln.strip():
+                    try:
+                        part.append(json.loads(ln))
+                    except ValueError as e:
+                        raise contracts.ContractError(f"{f}: line {i}: not JSON ({e})") from None
+        rows += to_explicit_strings(part, tokenizer, source=str(f))
+    return ray.data.from_arrow(pa.Table.from_pylist(rows))
+
+
+def read_pairs(source: str | Path, cfg: Config, tokenizer_path: Optional[str] = None):
     """A Ray dataset of pairs from our pairs directory or a TRL-format preference dataset.
 
-    TRL data needs prompt / chosen / rejected; a missing `weight` means 1.0 (uniform). Returns
-    (dataset, number of pairs, whether ref log-probs are already present).
+    TRL data in any of TRL's layouts (standard or conversational, explicit or implicit prompt;
+    conversations are rendered with the chat template of `tokenizer_path`, the policy); a missing
+    `weight` means 1.0 (uniform). Returns (dataset, number of pairs, whether ref log-probs are
+    already present).
     """
     import ray.data
 
@@ -186,7 +228,11 @@ def read_pairs(source: str | Path, cfg: Config):
 
     data_context()
     files, fmt = pairs_files(Path(source))
-    if fmt == "parquet":
+    converted = _converted_trl(files, fmt, cfg, tokenizer_path)
+    if converted is not None:
+        ds = converted
+        schema, n = ds.schema().base_schema, ds.count()
+    elif fmt == "parquet":
         n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         schema = pq.read_schema(files[0])
         ds = ray.data.read_parquet([str(f) for f in files])
@@ -241,7 +287,7 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
     t = cfg.train
     output_dir, work_dir = Path(output_dir).absolute(), Path(work_dir).absolute()
     if stream is None:
-        ds, n_pairs, has_ref = read_pairs(pairs_source, cfg)
+        ds, n_pairs, has_ref = read_pairs(pairs_source, cfg, tokenizer_path=policy_path)
         refuse_untrainable_input(pairs_source, ds)  # the weights (and reference log-probs) as given
     else:
         (ds, n_pairs), has_ref = stream, False

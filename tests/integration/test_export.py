@@ -61,3 +61,30 @@ def test_export_of_a_round_without_recorded_pairs_is_refused_naming_the_round(tm
     err = capsys.readouterr().err
     assert "round 2 has no recorded pairs to export" in err, err
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_trl_conversational_data_is_read_for_training_with_the_policy_chat_template(ray_session, tiny_cfg_factory,
+                                                                                     tmp_path):
+    """A conversational, implicit-prompt TRL dataset (JSON Lines) reaches the trainer's reader as
+    explicit prompt/chosen/rejected strings rendered with the policy's chat template."""
+    import string
+
+    from pipeline.training import read_pairs
+    from wpo_ray.config import TinyModelConfig
+    from wpo_ray.tiny_model import build_char_tokenizer, build_tiny_model, save_policy
+
+    tok = build_char_tokenizer(string.ascii_letters + string.digits + string.punctuation + " \n")
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    policy = save_policy(build_tiny_model(TinyModelConfig(hidden_size=64, num_layers=1, num_heads=2,
+                                                          intermediate_size=64), tok), tok, tmp_path / "policy")
+    rows = [{"chosen": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)}],
+             "rejected": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 2)}]}
+            for i in range(5)]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds, n, has_ref = read_pairs(tmp_path / "prefs.jsonl", tiny_cfg_factory(), tokenizer_path=str(policy))
+    got = sorted(ds.take_all(), key=lambda r: r["prompt"])
+    assert n == 5 and not has_ref and {r["weight"] for r in got} == {1.0}
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in got] == \
+        [(f"[user] {i}+1?\n[assistant] ", f"{i + 1}\n", f"{i + 2}\n") for i in range(5)]
+    assert len({r["prompt_id"] for r in got}) == 5
