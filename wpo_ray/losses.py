@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from wpo_ray.config import MARGIN_BASES, GammaPOConfig, LossConfig
+if TYPE_CHECKING:  # only for annotations: the loss code imports with torch alone (bench/gpu_step.py)
+    from wpo_ray.config import GammaPOConfig, LossConfig
 
 Tensor = torch.Tensor
 
@@ -129,9 +130,9 @@ def _target_margin(cfg: LossConfig, margins: Optional[Tensor]) -> Tensor | float
         return cfg.simpo_gamma if margins is None else margins.detach()
     if margins is None:
         return 0.0
-    if cfg.base not in MARGIN_BASES:  # an input error: the config refuses gamma_po for these
+    if cfg.base == "ipo":  # an input error: the config refuses gamma_po for it (config.MARGIN_BASES)
         raise ValueError(f"γ-PO margins are undefined for base {cfg.base!r}: it regresses the margin to a "
-                         f"fixed value; γ-PO needs one of {MARGIN_BASES}")
+                         "fixed value; γ-PO needs a base with a target margin")
     # DPO-style bases have no target margin of their own: use the zero-mean offset m_i − γ0.
     return margins.detach() - cfg.gamma_po.ratio * cfg.beta
 

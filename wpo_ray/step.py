@@ -16,13 +16,15 @@ the loss inputs follow the policy log-probs' device. Callers never call `.to(dev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
 from .batching import collate, encode_pairs, sequence_logps, split_pair_logps
-from .config import LossConfig
 from .losses import LossOutput, preference_loss, reward_gaps
+
+if TYPE_CHECKING:  # annotations only: the step imports with torch alone (bench/gpu_step.py)
+    from .config import LossConfig
 
 Tensor = torch.Tensor
 
