@@ -72,10 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     from wpo_ray.logs import add_log_file, setup_console
     from wpo_ray.rundir import RunLayout
 
-    # No network at run time: transformers must never try the hub (inherited by Ray's processes).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
     args = _parser().parse_args(argv)
     config, overrides = _split_config(args)
     if args.verbose:
@@ -85,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"wpo-ray: {e}", file=sys.stderr)
         return 2
+    if not cfg.model.allow_download:
+        # No network at run time: transformers must never try the hub (inherited by Ray's processes).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     setup_console(cfg.ray.verbose)
     try:
         run = preflight(args, cfg)
@@ -127,7 +127,7 @@ def preflight(args, cfg):
     path, and nothing is written but (for run and sample) the run directory's config. Returns the
     opened run directory for run and sample (`--fresh` applied), else None.
     """
-    from wpo_ray.bootstrap import check_policy_dir
+    from wpo_ray.bootstrap import check_model_source, check_policy_dir
     from wpo_ray.contracts import pairs_files
     from wpo_ray.rundir import RunDir, RunLayout
 
@@ -163,8 +163,8 @@ def preflight(args, cfg):
                 check_policy_dir(run.policy_dir(r), f"round {r} checkpoint")
     if args.verb == "eval" and args.model:
         check_policy_dir(args.model, "--model")
-    elif args.verb in ("run", "sample", "eval", "train") and cfg.model.path != "builtin:tiny":
-        check_policy_dir(cfg.model.path)
+    elif args.verb in ("run", "sample", "eval", "train"):
+        check_model_source(cfg)  # a local directory checked; a hub id refused unless downloading is on
     return run
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -211,8 +212,55 @@ def check_policy_dir(path: str | Path, key: str = "model.path") -> Path:
     return p
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_id(cfg: Config) -> str | None:
+    """`model.path` when it names a hub repository rather than a local directory, else None."""
+    p = cfg.model.path
+    if p == "builtin:tiny" or Path(p).expanduser().exists() or not _HUB_ID.fullmatch(p):
+        return None
+    return p
+
+
+def check_model_source(cfg: Config) -> None:
+    """Before anything starts: a hub id is refused unless downloading is on; a local path is checked."""
+    repo = hub_id(cfg)
+    if repo is None:
+        if cfg.model.path != "builtin:tiny":
+            check_policy_dir(cfg.model.path)
+        return
+    if not cfg.model.allow_download:
+        raise ValueError(f"model.path {repo!r} is not a local directory; as a Hugging Face hub id it would be "
+                         "downloaded, and downloading is off: set model.allow_download=true, or download it "
+                         "yourself and set model.path to the directory")
+
+
+# Only what a policy needs: safetensors weights (never pickles), its config and tokenizer files.
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.tiktoken"]
+
+
+def download_policy(cfg: Config) -> Path:
+    """Fetch the hub id `model.path` (model.allow_download) and return its local snapshot."""
+    repo = hub_id(cfg)
+    check_model_source(cfg)
+    from huggingface_hub import snapshot_download
+
+    log.info("[model] downloading %s from the Hugging Face hub (model.allow_download=true)", repo)
+    try:
+        path = snapshot_download(repo, cache_dir=cfg.model.download_dir, allow_patterns=DOWNLOAD_PATTERNS)
+    except Exception as e:  # noqa: BLE001 - offline mode, no network, no such repo, no access: all one answer
+        raise ValueError(f"model.path {repo!r}: could not download it from the Hugging Face hub "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the network and "
+                         "the id, or download it yourself and set model.path to the directory") from None
+    return check_policy_dir(path, f"model.path {repo!r} (downloaded)")
+
+
 def resolve_policy(cfg: Config) -> str:
-    """The initial policy: the bootstrapped tiny model for `builtin:tiny`, else a local HF directory."""
+    """The initial policy: the bootstrapped tiny model for `builtin:tiny`, a hub id's download
+    (model.allow_download), else a local HF directory."""
     if cfg.model.path == "builtin:tiny":
         return str(run_bootstrap(cfg))
+    if hub_id(cfg) is not None:
+        return str(download_policy(cfg))
     return str(check_policy_dir(cfg.model.path))

@@ -52,8 +52,13 @@ class RayConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    # A local HF directory, or "builtin:tiny" for the bootstrapped arithmetic policy.
+    # A local HF directory, a Hugging Face hub id ("Qwen/Qwen2-7B-Instruct", fetched only with
+    # allow_download), or "builtin:tiny" for the bootstrapped arithmetic policy.
     path: str = "builtin:tiny"
+    # Fetch a hub id's safetensors, config and tokenizer on the driver before anything starts (into
+    # download_dir, default the HF cache). Off: nothing is ever downloaded.
+    allow_download: bool = False
+    download_dir: Optional[str] = None
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

@@ -91,3 +91,29 @@ def test_cli_report_on_a_missing_run_dir_exits_1(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "nope" in err, err
     assert not (tmp_path / "nope").exists()  # nothing half-written
+
+
+def test_a_hub_id_is_refused_unless_downloading_is_on_naming_the_key(tmp_path, capsys):
+    from jobs.cli import main
+
+    code = main(["run", str(ROOT / "configs" / "tiny-cpu.yaml"), "model.path=Qwen/Qwen2-0.5B-Instruct",
+                 f"run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "'Qwen/Qwen2-0.5B-Instruct' is not a local directory" in err, err
+    assert "model.allow_download=true" in err
+    assert not list((tmp_path / "run").glob("round-*"))  # refused before anything ran
+
+
+def test_a_download_that_cannot_reach_the_hub_is_a_clear_error_naming_the_id(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub
+
+    from wpo_ray.bootstrap import resolve_policy
+    from wpo_ray.config import load_config
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no network
+    cfg = load_config(None, ["model.path=Qwen/Qwen2-0.5B-Instruct", "model.allow_download=true",
+                             f"model.download_dir={tmp_path / 'hub'}"])
+    with pytest.raises(ValueError, match=r"model.path 'Qwen/Qwen2-0.5B-Instruct': could not download it from the "
+                                         r"Hugging Face hub"):
+        resolve_policy(cfg)
