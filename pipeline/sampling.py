@@ -83,6 +83,14 @@ def prompts_stage(cfg: Config, run: RunDir, r: int, policy_path: str) -> int:
     return run.stage(r, "prompts", produce)["rows"]
 
 
+def length_check(cfg: Config, policy_path: str):
+    """What the pairing stage asks of each pair: does it fit train.max_length (a `too_long` skip if not)."""
+    from wpo_ray.batching import LengthCheck
+    from wpo_ray.train_plan import train_max_length
+
+    return LengthCheck(policy_path, train_max_length(cfg), cfg.model.trust_remote_code)
+
+
 def pairs_stage(run: RunDir, r: int, source) -> dict:
     """Write the round's pairs and skips, `source()` -> (pairs, skips) Ray datasets, sorted by
     prompt_id so the files do not depend on the order actors finished in; check that every prompt
@@ -141,8 +149,8 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None) 
         # One pairing pass over the graded table, kept in the object store (not the driver) and
         # split into the two outputs.
         both = ray.data.read_parquet(str(run.output(r, "graded"))).map_batches(
-            pairs_and_skips_batch, fn_kwargs=dict(round=r, weighting=cfg.weighting), batch_format="pyarrow",
-            batch_size=s.batch_size).materialize()
+            pairs_and_skips_batch, fn_kwargs=dict(round=r, weighting=cfg.weighting, too_long=length_check(cfg, policy_path)),
+            batch_format="pyarrow", batch_size=s.batch_size).materialize()
         return tuple(both.map_batches(lambda t, i=i: split_pairs_and_skips(t)[i], batch_format="pyarrow")
                      for i in (0, 1))
 

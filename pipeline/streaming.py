@@ -37,7 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.sampling import grade_stage, pairs_stage, prompts_stage, sample_stage, write_parquet
+from pipeline.sampling import grade_stage, length_check, pairs_stage, prompts_stage, sample_stage, write_parquet
 from pipeline.training import run_training
 from wpo_ray import contracts
 from wpo_ray.cluster import data_context
@@ -49,12 +49,12 @@ log = logging.getLogger(__name__)
 PARTS = "stream.tmp"
 
 
-def persist_and_pair(batch: pa.Table, out_dir: str, round_idx: int, weighting: dict) -> pa.Table:
+def persist_and_pair(batch: pa.Table, out_dir: str, round_idx: int, weighting: dict, too_long=None) -> pa.Table:
     """Pair a graded batch, write its samples / graded / pairs / skips parts, pass the pairs on."""
     from wpo_ray.pairing import build_pairs
 
     graded = contracts.validate(batch, "graded", source="grader output")
-    pairs, skips = build_pairs(graded, round_idx, WeightingConfig.model_validate(weighting))
+    pairs, skips = build_pairs(graded, round_idx, WeightingConfig.model_validate(weighting), too_long)
     name = hashlib.sha256("\0".join(graded.column("prompt_id").to_pylist()).encode()).hexdigest()[:20]
     samples = graded.select(contracts.SAMPLES.names)
     for stage, table in (("samples", samples), ("graded", graded), ("pairs", pairs), ("skips", skips)):
@@ -85,7 +85,8 @@ def run_round_streaming(cfg: Config, run: RunDir, r: int, policy_path: str, refe
     table, bs = pq.read_table(run.output(r, "prompts") / "prompts.parquet"), cfg.sampling.batch_size
     prompts = ray.data.from_arrow([table.slice(i, bs) for i in range(0, max(len(table), 1), bs)])
     pairs = grade_stage(sample_stage(prompts, cfg, pool, r, policy_path), cfg).map_batches(
-        persist_and_pair, fn_kwargs=dict(out_dir=str(parts), round_idx=r, weighting=cfg.weighting.model_dump()),
+        persist_and_pair, fn_kwargs=dict(out_dir=str(parts), round_idx=r, weighting=cfg.weighting.model_dump(),
+                                         too_long=length_check(cfg, policy_path)),
         # No CPU reserved: it only writes small files, and a reservation would keep the RefLogp actor
         # from starting until sampling ends (measured). Batch size: Ray's default waits for 1024 rows.
         batch_size=cfg.sampling.batch_size, batch_format="pyarrow", num_cpus=0)

@@ -24,23 +24,48 @@ def encode_pairs(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejec
                  max_length: int, prompt_ids: Sequence[str] | None = None) -> dict[str, list[list[int]]]:
     """Token ids of prompts (with the tokenizer's special tokens) and responses (+ EOS).
 
-    A pair longer than `max_length` keeps its whole response and loses prompt tokens from the left;
-    a response that alone exceeds it is an error naming the pair (truncating a response would
-    change what is preferred).
+    A pair longer than `max_length` (prompt + its longer response) is an error naming the pair:
+    nothing is truncated, since a cut prompt or response changes what is preferred. A round's
+    pairs are filtered beforehand (:class:`LengthCheck`: skip reason `too_long`).
     """
     p_ids = [tokenizer(p)["input_ids"] for p in prompts]
     c_ids = [encode_response(tokenizer, c) for c in chosen]
     r_ids = [encode_response(tokenizer, r) for r in rejected]
     for i, (p, c, r) in enumerate(zip(p_ids, c_ids, r_ids)):
-        longest = max(len(c), len(r))
-        if longest >= max_length:
+        total = len(p) + max(len(c), len(r))
+        if total > max_length:
             who = prompt_ids[i] if prompt_ids is not None else f"#{i}"
             raise PairEncodingError(
-                f"pair {who}: response of {longest} tokens does not fit max_length={max_length}"
+                f"pair {who}: {total} tokens (prompt {len(p)} + response {max(len(c), len(r))}) do not fit "
+                f"train.max_length={max_length}"
             )
-        if len(p) + longest > max_length:
-            p_ids[i] = p[len(p) + longest - max_length :]
     return {"prompt": p_ids, "chosen": c_ids, "rejected": r_ids}
+
+
+def pair_length(tokenizer, prompt: str, chosen: str, rejected: str) -> int:
+    """Tokens of the longer of the pair's two sequences, as `encode_pairs` builds them."""
+    return len(tokenizer(prompt)["input_ids"]) + max(len(encode_response(tokenizer, c)) for c in (chosen, rejected))
+
+
+class LengthCheck:
+    """`too_long(prompt, chosen, rejected)` for the pairing stage: None when the pair fits
+    `max_length` with the policy's tokenizer, else why not. Picklable for Ray Data: the
+    tokenizer is loaded on first use in the process that runs it."""
+
+    def __init__(self, tokenizer_path: str, max_length: int, trust_remote_code: bool = False):
+        self.tokenizer_path, self.max_length, self.trust_remote_code = tokenizer_path, max_length, trust_remote_code
+        self._tok = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tok": None}
+
+    def __call__(self, prompt: str, chosen: str, rejected: str):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.tokenizer_path, trust_remote_code=self.trust_remote_code)
+        n = pair_length(self._tok, prompt, chosen, rejected)
+        return None if n <= self.max_length else f"{n} tokens > train.max_length={self.max_length}"
 
 
 def collate(enc: dict[str, list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -322,6 +322,9 @@ class TrainConfig(_Strict):
     # (the same on a restart). Not with run.overlap=streaming: a stream is read once, as it flows.
     shuffle: bool = True
     max_steps: Optional[int] = Field(None, ge=1)
+    # Longest pair (prompt + response tokens) trained on; a longer one becomes a `too_long` skip,
+    # never truncated. Default: the built-in tiny model's positions, else 2048.
+    max_length: Optional[int] = Field(None, ge=2)
     lr: float = Field(5e-5, gt=0)
     warmup_steps: int = Field(0, ge=0)
     # precomputed: a RefLogp actor stage adds ref_*_logp to the pairs; worker: reference on the worker.

@@ -20,6 +20,7 @@ SKIP_REASONS = (
     "empty_prompt",
     "no_samples",
     "bad_row",  # the loader refused the row (on_bad_row: skip); detail says why
+    "too_long",  # prompt + response tokens exceed train.max_length; never truncated
 )
 
 

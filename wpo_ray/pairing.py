@@ -13,7 +13,7 @@ so a round keeps its invariant `#prompts in == #pairs + #skips`.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -201,37 +201,46 @@ def _fill_weights(pairs: list[dict], weighting: WeightingConfig) -> None:
         p["weight"] = float(w)
 
 
-def _outcomes(graded: pa.Table, round: int, weighting: WeightingConfig) -> list[tuple[Optional[dict], Optional[dict]]]:
-    """(pair, skip) per input row, in input order, weights filled in."""
+def _outcomes(graded: pa.Table, round: int, weighting: WeightingConfig,
+              too_long: Optional[Callable[[str, str, str], Optional[str]]] = None) -> list[tuple[Optional[dict], Optional[dict]]]:
+    """(pair, skip) per input row, in input order, weights filled in. `too_long(prompt, chosen,
+    rejected)` says why a pair does not fit training (skip reason `too_long`), or None."""
     missing = [c for c in _NEEDED if c not in graded.column_names]
     if missing:
         raise ContractError(
             f"graded table lacks column(s) {missing}; columns present: {graded.column_names}"
         )
     outcomes = [_choose(row, round) for row in graded.select(list(_NEEDED)).to_pylist()]
+    if too_long is not None:
+        for i, (pair, _) in enumerate(outcomes):
+            why = pair and too_long(pair["prompt"], pair["chosen"], pair["rejected"])
+            if why:
+                outcomes[i] = (None, skip_record(pair["prompt_id"], round, "too_long", why))
     _fill_weights([p for p, _ in outcomes if p is not None], weighting)
     return outcomes
 
 
-def build_pairs(graded: pa.Table, round: int, weighting: WeightingConfig) -> tuple[pa.Table, pa.Table]:
+def build_pairs(graded: pa.Table, round: int, weighting: WeightingConfig,
+                too_long: Optional[Callable[[str, str, str], Optional[str]]] = None) -> tuple[pa.Table, pa.Table]:
     """A GRADED table -> (PAIRS table, SKIPS table), each in input order.
 
     Every input row lands in exactly one of the two: len(pairs) + len(skips) == len(graded).
     """
-    outcomes = _outcomes(graded, round, weighting)
+    outcomes = _outcomes(graded, round, weighting, too_long)
     pairs = [p for p, _ in outcomes if p is not None]
     skips = [s for _, s in outcomes if s is not None]
     return pa.Table.from_pylist(pairs, schema=PAIRS), pa.Table.from_pylist(skips, schema=SKIPS)
 
 
-def pairs_and_skips_batch(graded: pa.Table, round: int, weighting: WeightingConfig) -> pa.Table:
+def pairs_and_skips_batch(graded: pa.Table, round: int, weighting: WeightingConfig,
+                          too_long: Optional[Callable[[str, str, str], Optional[str]]] = None) -> pa.Table:
     """`build_pairs` as one table (schema PAIRS_AND_SKIPS), rows in input order.
 
     For Ray Data: `ds.map_batches(pairs_and_skips_batch, batch_format="pyarrow",
     fn_kwargs={"round": r, "weighting": cfg})`, then `split_pairs_and_skips` on the result.
     """
     rows = []
-    for pair, skip in _outcomes(graded, round, weighting):
+    for pair, skip in _outcomes(graded, round, weighting, too_long):
         if pair is not None:
             rows.append({"kind": KIND_PAIR, **pair})
         else:

@@ -18,8 +18,9 @@ def model_max_length(cfg: Config) -> int | None:
 
 
 def train_max_length(cfg: Config) -> int:
-    """The longest pair (prompt + response tokens) the trainer and the reference stage encode."""
-    return model_max_length(cfg) or DEFAULT_MAX_LENGTH
+    """The longest pair (prompt + response tokens) the trainer and the reference stage encode:
+    `train.max_length`, else the model's own limit where known, else DEFAULT_MAX_LENGTH."""
+    return cfg.train.max_length or model_max_length(cfg) or DEFAULT_MAX_LENGTH
 
 
 def zero_stage(cfg: Config) -> int:

@@ -160,3 +160,23 @@ def test_driver_interrupted_at_every_stage_boundary_resumes_without_redoing(tiny
     object.__setattr__(clean, "_policy", tiny_policy)
     _run(clean, vllm_pool)
     assert pairs.equals(pq.read_table(tmp_path / "clean" / "round-001" / "pairs"))
+
+
+def test_pairs_longer_than_train_max_length_become_too_long_skips(tiny_cfg_factory, tiny_policy, vllm_pool, tmp_path):
+    """With train.max_length=9 (<s> + a 6-character question + a response + </s>), pairs with a
+    longer response are skipped as `too_long`, counted in the round's accounting, never cut."""
+    from transformers import AutoTokenizer
+
+    from wpo_ray.batching import pair_length
+
+    cfg = tiny_cfg_factory("train.max_length=9", run_dir=tmp_path / "r")
+    object.__setattr__(cfg, "_policy", tiny_policy)
+    run, info = _run(cfg, vllm_pool)
+    _check_round(run, cfg, info)
+    assert info["skip_reasons"].get("too_long", 0) > 0, info
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    pairs = pq.read_table(run.round_dir(1) / "pairs").to_pylist()
+    assert all(pair_length(tok, p["prompt"], p["chosen"], p["rejected"]) <= 9 for p in pairs)
+    for s in pq.read_table(run.round_dir(1) / "skips").to_pylist():
+        if s["reason"] == "too_long":
+            assert s["detail"].endswith("tokens > train.max_length=9")

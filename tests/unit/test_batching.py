@@ -68,13 +68,30 @@ def test_sequence_logps_match_token_by_token_sum(tok_model):
         assert pr[i].item() == pytest.approx(want_r, abs=1e-9) and lr[i].item() == n_r
 
 
-def test_response_longer_than_max_length_is_refused_with_pair_id(tok_model):
+def test_a_pair_longer_than_max_length_is_refused_with_its_id_never_truncated(tok_model):
     tok, _ = tok_model
-    with pytest.raises(PairEncodingError, match="pair q7: response of 11 tokens"):
+    # <s>1+1= is 5 tokens, 1234567890</s> 11: 16 > 8.
+    with pytest.raises(PairEncodingError, match=r"pair q7: 16 tokens \(prompt 5 \+ response 11\) do not fit "
+                                                r"train.max_length=8"):
         encode_pairs(tok, ["1+1="], ["2"], ["1234567890"], 8, prompt_ids=["q7"])
-    # A long prompt is cut from the left, the response is kept whole.
-    enc = encode_pairs(tok, ["1234567+1="], ["2"], ["3"], 6)
-    assert len(enc["prompt"][0]) + len(enc["chosen"][0]) == 6 and enc["chosen"][0][-1] == tok.eos_token_id
+    with pytest.raises(PairEncodingError, match="pair #0: 13 tokens"):  # a long prompt is not cut either
+        encode_pairs(tok, ["1234567+1="], ["2"], ["3"], 6)
+    enc = encode_pairs(tok, ["1+1="], ["2"], ["3"], 7)  # exactly fits: <s>1+1= 2</s>
+    assert len(enc["prompt"][0]) + len(enc["chosen"][0]) == 7
+
+
+def test_length_check_names_why_a_pair_does_not_fit_and_survives_pickling(tok_model, tmp_path):
+    import pickle
+
+    from wpo_ray.batching import LengthCheck, pair_length
+
+    tok, _ = tok_model
+    tok.save_pretrained(tmp_path / "tok")
+    check = LengthCheck(str(tmp_path / "tok"), 7)
+    assert pair_length(tok, "1+1=", "2", "33") == 8
+    assert check("1+1=", "2", "3") is None and check("1+1=", "2", "33") == "8 tokens > train.max_length=7"
+    again = pickle.loads(pickle.dumps(check))  # as Ray Data ships it to a worker: no tokenizer inside
+    assert again._tok is None and again("1+1=", "2", "33") == "8 tokens > train.max_length=7"
 
 
 def test_precomputed_reference_logps_equal_worker_computation(tok_model, tmp_path):

@@ -494,3 +494,17 @@ def test_accounting_refuses_a_lost_or_duplicated_prompt():
         check_accounting(2, 10, 6, 3)  # one lost
     with pytest.raises(AccountingError, match="11 prompts in but 9 pairs \\+ 3 skips"):
         check_accounting(1, 11, 9, 3)  # one duplicated
+
+
+def test_a_pair_too_long_to_train_becomes_a_too_long_skip_and_every_row_is_accounted_for():
+    right, wrong = ("42", "correct", "42", -1.0, 2), ("41", "wrong", "41", -1.0, 2)
+    long_wrong = ("4" * 30, "wrong", "4" * 30, -2.0, 30)
+    graded = contracts.from_rows([row([right, wrong], pid="short"), row([right, long_wrong], pid="long")], "graded")
+    too_long = lambda p, c, r: f"{len(p) + max(len(c), len(r))} > 20" if len(p) + max(len(c), len(r)) > 20 else None  # noqa: E731
+    pairs, skips = build_pairs(graded, 1, DIFF, too_long)
+    assert pairs.column("prompt_id").to_pylist() == ["short"]
+    assert skips.to_pylist() == [{"prompt_id": "long", "round": 1, "reason": "too_long", "detail": "42 > 20"}]
+    both = split_pairs_and_skips(pairs_and_skips_batch(graded, 1, DIFF, too_long))
+    assert both[0].equals(pairs) and both[1].equals(skips)
+    # The surviving pair's weight is what it is without the check.
+    assert pairs.column("weight").to_pylist() == build_pairs(graded, 1, DIFF)[0].column("weight").to_pylist()[:1]
