@@ -74,11 +74,14 @@ def check_cluster(cfg: Config) -> None:
 def run_rounds(cfg: Config, run: RunDir, pool=None) -> int:
     from wpo_ray.bootstrap import resolve_policy
     from wpo_ray.cluster import init_ray
-    from wpo_ray.report import write_report
 
     t_start = time.time()
     log.info("[run] %s (%d round(s), loss %s, weighting %s, reference policy: %s, overlap: %s)", run.path,
              cfg.run.rounds, cfg.train.loss.base, cfg.weighting.scheme, cfg.run.reference, cfg.run.overlap)
+    finished = run.done(0, "eval") and all(run.done(r, s) for r in range(1, cfg.run.rounds + 1) for s in ("train", "eval"))
+    if finished:  # nothing to do: no Ray, no bootstrap, just the report again
+        log.info("[run] every round is already recorded in %s", run.manifest_file)
+        return _finish(cfg, run, t_start)
     init_ray(cfg.ray)
     check_cluster(cfg)
     initial = resolve_policy(cfg)
@@ -95,6 +98,12 @@ def run_rounds(cfg: Config, run: RunDir, pool=None) -> int:
                 eval_stage(cfg, run, r, policy, samplers(policy))
     finally:
         samplers.shutdown()
+    return _finish(cfg, run, t_start)
+
+
+def _finish(cfg: Config, run: RunDir, t_start: float) -> int:
+    from wpo_ray.report import write_report
+
     report = write_report(run.path)
     log.info("\n%s", accuracy_table(cfg, run, run.manifest))
     log.info("\n[run] done in %.0fs; report: %s", time.time() - t_start, report)

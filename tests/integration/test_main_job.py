@@ -112,6 +112,8 @@ def test_driver_killed_after_sampling_and_mid_training_resumes(tiny_policy, tiny
     # A rerun of a finished run does nothing and says so quickly; a changed config is refused.
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and _manifest(run_dir) == after
+    said = again.stdout + again.stderr
+    assert "every round is already recorded" in said and "[ray]" not in said, said[-2000:]  # no Ray started
     changed = subprocess.run(cmd + ["train.loss.beta=0.5"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                              timeout=120)
     assert changed.returncode == 1 and "train.loss.beta: 0.1 -> 0.5" in changed.stderr
