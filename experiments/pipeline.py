@@ -124,6 +124,35 @@ def table(results: dict[tuple[str, int], dict], arms: list[str], seeds: list[int
     return "\n".join(lines)
 
 
+def plot(results: dict[tuple[str, int], dict], arms: list[str], seeds: list[int], path: Path) -> Path:
+    """Greedy accuracy per round: one thin line per seed, the mean over seeds thick; overall and hard."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for ax, (title, get) in zip(axes, [("all test questions", lambda r: r["greedy"]),
+                                       ("hard bucket", lambda r: r["greedy_by_bucket"].get("hard", 0.0))]):
+        for k, arm in enumerate(arms):
+            curves = [[get(r) for r in results[(arm, s)]["rounds"]] for s in seeds if (arm, s) in results]
+            color = f"C{k}"
+            for c in curves:
+                ax.plot(range(len(c)), c, color=color, alpha=0.3, lw=1)
+            n = min(len(c) for c in curves)
+            ax.plot(range(n), [statistics.fmean(c[i] for c in curves) for i in range(n)], color=color, lw=2.5,
+                    label=f"{arm} (mean of {len(curves)} seeds)")
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylabel("greedy accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
@@ -145,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             results[(arm, seed)] = run_one(args.config, arm, seed, args.overrides, out)
     print(table(results, arms, seeds))
+    print(f"[experiment] curves: {plot(results, arms, seeds, out / 'curves.png')}")
     print(f"\n[experiment] {len(results)} run(s) in {time.time() - t0:.0f}s; raw results in {out}")
     return 0
 
