@@ -143,6 +143,7 @@ def plot(results: dict[tuple[str, int], dict], arms: list[str], seeds: list[int]
             ax.plot(range(n), [statistics.fmean(c[i] for c in curves) for i in range(n)], color=color, lw=2.5,
                     label=f"{arm} (mean of {len(curves)} seeds)")
         ax.set_title(title)
+        ax.set_xticks(range(max(len(results[k]["rounds"]) for k in results)))
         ax.set_xlabel("round")
         ax.set_ylabel("greedy accuracy")
         ax.grid(alpha=0.3)
