@@ -61,23 +61,33 @@ def grade_stage(ds, cfg: Config):
 
 def prompts_stage(cfg: Config, run: RunDir, r: int, policy_path: str) -> int:
     """The round's prompts (and the loader's bad rows, as skips); returns the good prompt rows."""
-    from wpo_ray.prompts import load_prompts, round_prompts
+    from wpo_ray.prompts import check_template_fits, load_prompts, round_prompts, split_too_long
+    from wpo_ray.train_plan import prompt_token_limit
 
     def produce(out) -> dict:
+        limit = prompt_token_limit(cfg)
         tokenizer = None
-        if cfg.data.chat_template:  # prompts are rendered with the policy's own chat template
+        if cfg.data.chat_template or limit is not None:  # the policy's own template and token counts
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
-        prompts, bad = round_prompts(*load_prompts(cfg.data, "train", tokenizer=tokenizer), cfg.data,
-                                     cfg.run.rounds, r)
+            if cfg.data.chat_template and limit is not None:
+                check_template_fits(tokenizer, limit)
+        prompts, bad = round_prompts(*load_prompts(cfg.data, "train", tokenizer=tokenizer if cfg.data.chat_template
+                                                   else None), cfg.data, cfg.run.rounds, r)
+        bad = bad.set_column(bad.schema.get_field_index("round"), "round", pa.array([r] * len(bad), pa.int32()))
+        if bad.num_rows:
+            log.info("[round %d] %d bad input row(s) recorded as skips (data.on_bad_row=skip)", r, len(bad))
+        if limit is not None:
+            prompts, too_long = split_too_long(prompts, tokenizer, limit, r)
+            if too_long:
+                log.info("[round %d] %d prompt(s) longer than %d tokens recorded as too_long skips", r,
+                         len(too_long), limit)
+                bad = pa.concat_tables([bad, contracts.from_rows(too_long, "skips").cast(bad.schema)])
         tmp = out("prompts")
         tmp.mkdir(parents=True)
         pq.write_table(prompts, tmp / "prompts.parquet")
-        bad = bad.set_column(bad.schema.get_field_index("round"), "round", pa.array([r] * len(bad), pa.int32()))
         pq.write_table(contracts.validate(bad, "skips", "bad rows"), tmp / "bad_rows.parquet")
-        if bad.num_rows:
-            log.info("[round %d] %d bad input row(s) recorded as skips (data.on_bad_row=skip)", r, len(bad))
         return {"rows": len(prompts), "bad_rows": len(bad)}
 
     return run.stage(r, "prompts", produce)["rows"]

@@ -148,6 +148,9 @@ class DataConfig(_Strict):
     # round), or the first ones every round with reuse_prompts. Unset: the whole split every round.
     prompts_per_round: Optional[int] = Field(None, ge=1)
     reuse_prompts: bool = False
+    # Longest prompt (tokens, chat template included) a round samples; a longer one becomes a
+    # `too_long` skip. Default: the engine's max length minus sampling.max_tokens, where known.
+    max_prompt_length: Optional[int] = Field(None, ge=1)
 
     def round_window(self, pool_size: int, rounds: int, r: int) -> tuple[int, int]:
         """Rows ``[start, stop)`` of the train split that round ``r`` (1-based) of ``rounds`` samples.

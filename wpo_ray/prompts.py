@@ -291,6 +291,28 @@ def _chat(prompts: list[str], tokenizer) -> list[str]:
     return out
 
 
+def split_too_long(prompts: pa.Table, tokenizer, limit: int, round_idx: int) -> tuple[pa.Table, list[dict]]:
+    """(prompts that fit `limit` tokens, `too_long` skip records of the others). Counted with the
+    policy's tokenizer and its special tokens, as the engine sees them."""
+    texts = prompts.column("prompt").to_pylist()
+    lengths = [len(tokenizer(t or "")["input_ids"]) for t in texts]
+    keep = [n <= limit for n in lengths]
+    skips = [{"prompt_id": pid, "round": round_idx, "reason": "too_long",
+              "detail": f"prompt of {n} tokens > {limit} (data.max_prompt_length, or the engine's length "
+                        "minus sampling.max_tokens)"}
+             for pid, n, k in zip(prompts.column("prompt_id").to_pylist(), lengths, keep) if not k]
+    return prompts.filter(pa.array(keep, pa.bool_())), skips
+
+
+def check_template_fits(tokenizer, limit: int) -> None:
+    """A chat template longer than the prompt limit on its own would skip every prompt: refuse it."""
+    empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True)
+    n = len(tokenizer(empty)["input_ids"])
+    if n >= limit:
+        raise PromptDataError(f"data.max_prompt_length: {limit} tokens, but the chat template alone takes {n}; "
+                              "every prompt would be too long")
+
+
 def round_prompts(prompts: pa.Table, bad: pa.Table, cfg: DataConfig, rounds: int, r: int) -> tuple[pa.Table, pa.Table]:
     """Round r's slice of the train split (:func:`round_window`) and the loader's bad rows it reports:
     every round's, unless rounds take fresh windows (:meth:`DataConfig.round_window`), when round 1 reports them once."""

@@ -23,6 +23,15 @@ def train_max_length(cfg: Config) -> int:
     return cfg.train.max_length or model_max_length(cfg) or DEFAULT_MAX_LENGTH
 
 
+def prompt_token_limit(cfg: Config) -> int | None:
+    """The longest prompt a round samples: `data.max_prompt_length`, else what the engine's max
+    length leaves for `sampling.max_tokens` of answer (where the config knows it), else None."""
+    if cfg.data.max_prompt_length is not None:
+        return cfg.data.max_prompt_length
+    engine = cfg.sampling.engine.max_model_len or model_max_length(cfg)
+    return None if engine is None else max(1, engine - cfg.sampling.max_tokens)
+
+
 def zero_stage(cfg: Config) -> int:
     """The ZeRO stage the workers run: the configured one, or 0 for a single worker.
 

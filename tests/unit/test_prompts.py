@@ -359,3 +359,54 @@ def test_round_prompts_are_fresh_windows_and_bad_rows_are_reported_once():
     # Unset: the whole split and its bad rows in every round, as before.
     again, bad_again = round_prompts(prompts, bad, cfg, 2, 2)
     assert again.column("prompt_id").to_pylist() == ids and bad_again.num_rows == 2
+
+
+def _char_policy(tmp_path, template=None):
+    import string
+
+    from wpo_ray.tiny_model import build_char_tokenizer
+
+    tok = build_char_tokenizer(string.ascii_letters + string.digits + string.punctuation + " \n")
+    if template:
+        tok.chat_template = template
+    tok.save_pretrained(tmp_path / "policy")
+    return tok, str(tmp_path / "policy")
+
+
+def test_prompts_longer_than_the_limit_become_too_long_skips_before_sampling(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.sampling import prompts_stage
+    from wpo_ray.config import load_config
+    from wpo_ray.rundir import RunDir
+
+    tok, policy = _char_policy(tmp_path)
+    cfg = load_config(None, [f"data.source=jsonl", f"data.train_path={GSM8K}", "data.max_prompt_length=90",
+                             f"run.dir={tmp_path / 'run'}"])
+    all_rows, _ = load_prompts(cfg.data, "train")
+    lengths = {r["prompt_id"]: len(tok(r["prompt"])["input_ids"]) for r in all_rows.to_pylist()}
+    assert any(n > 90 for n in lengths.values()) and any(n <= 90 for n in lengths.values())
+    run = RunDir(cfg)
+    kept = prompts_stage(cfg, run, 1, policy)
+    prompts = pq.read_table(run.output(1, "prompts") / "prompts.parquet").to_pylist()
+    skips = pq.read_table(run.output(1, "prompts") / "bad_rows.parquet").to_pylist()
+    assert kept == len(prompts) == sum(n <= 90 for n in lengths.values())
+    assert {s["prompt_id"] for s in skips} == {k for k, n in lengths.items() if n > 90}
+    assert {s["reason"] for s in skips} == {"too_long"} and all(s["round"] == 1 for s in skips)
+    assert run.done(1, "prompts")["bad_rows"] == len(skips)  # in the round's accounting
+
+
+def test_the_prompt_limit_comes_from_the_engine_length_and_a_template_longer_than_it_is_refused(tmp_path):
+    from wpo_ray.config import load_config
+    from wpo_ray.prompts import check_template_fits
+    from wpo_ray.train_plan import prompt_token_limit
+
+    assert prompt_token_limit(load_config(None, ["sampling.max_tokens=16"])) == 64 - 16  # the tiny model's 64
+    assert prompt_token_limit(load_config(None, ["model.path=/m", "sampling.engine.max_model_len=4096",
+                                                 "sampling.max_tokens=512"])) == 3584
+    assert prompt_token_limit(load_config(None, ["model.path=/m"])) is None  # the engine decides
+    assert prompt_token_limit(load_config(None, ["data.max_prompt_length=7"])) == 7
+    tok, _ = _char_policy(tmp_path, template="{% for m in messages %}<<{{ m['content'] }}>> SYSTEM PREAMBLE{% endfor %}")
+    check_template_fits(tok, 40)
+    with pytest.raises(PromptDataError, match=r"data.max_prompt_length: 10 tokens, but the chat template alone takes \d+"):
+        check_template_fits(tok, 10)
