@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 ENV = "WPO_FAILPOINTS_DIR"
 ACTIONS = ("kill", "interrupt", "hang")
 UNTIL_MAX_S = 300.0
-_hits: dict[str, int] = {}
+# name -> (which arming, hits since): a failpoint armed again (a new file) counts from 1 again,
+# also in a process that reached it under an earlier arming (a test session's driver, an engine).
+_hits: dict[str, tuple[tuple[int, int], int]] = {}
 
 
 def arm(directory: str | Path, name: str, hit: int = 1, action: str = "kill", every: bool = False) -> Path:
@@ -74,19 +76,21 @@ def failpoint(name: str) -> None:
     if not directory:
         return
     armed = Path(directory) / name
-    if not armed.exists():
-        return
-    _hits[name] = _hits.get(name, 0) + 1
     try:
+        st = armed.stat()
         hit, _, action = armed.read_text().strip().partition(" ")
-    except FileNotFoundError:  # another process claimed it
+    except FileNotFoundError:  # not armed, or another process claimed it
         return
+    arming = (st.st_ino, st.st_mtime_ns)
+    seen, count = _hits.get(name, (None, 0))
+    count = count + 1 if seen == arming else 1
+    _hits[name] = (arming, count)
     action, _, every = action.partition(" ")
     if every:
-        if _hits[name] < int(hit):
+        if count < int(hit):
             return
         armed.with_name(f"{name}.fired").touch()
-    elif _hits[name] != int(hit):
+    elif count != int(hit):
         return
     else:
         try:

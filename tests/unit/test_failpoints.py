@@ -109,3 +109,17 @@ def test_every_fires_on_each_hit_from_the_configured_one_until_disarmed(fp_dir):
     assert fired(fp_dir, "worker.step") and (fp_dir / "worker.step").exists()  # still armed
     (fp_dir / "worker.step").unlink()
     failpoint("worker.step")  # disarmed
+
+
+def test_a_failpoint_armed_again_counts_its_hits_from_one_in_a_process_that_saw_the_last_arming(fp_dir):
+    """A test session's in-process driver reaches `driver.graded.committed` twice under one test's
+    arming (hit=2); the next test arms it with hit=1 and must see it fire on the next hit."""
+    arm(fp_dir, "driver.graded.committed", hit=2, action="interrupt")
+    failpoint("driver.graded.committed")
+    with pytest.raises(KeyboardInterrupt):
+        failpoint("driver.graded.committed")
+    (fp_dir / "driver.graded.committed.fired").unlink()
+    arm(fp_dir, "driver.graded.committed", hit=1, action="interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        failpoint("driver.graded.committed")
+    assert fired(fp_dir, "driver.graded.committed")
