@@ -185,9 +185,13 @@ def _converted_trl(files: list[Path], fmt: str, cfg: Config, tokenizer_path: Opt
 
     from wpo_ray.trl_format import needs_conversion, to_explicit_strings
 
-    if fmt == "parquet":
-        first = pq.ParquetFile(files[0]).read_row_group(0).slice(0, 1).to_pylist() if pq.ParquetFile(
-            files[0]).metadata.num_rows else []
+    if fmt == "parquet":  # the schema says it, without reading rows (a round's own pairs come here too)
+        schema = pq.read_schema(files[0])
+        text_chosen = "chosen" not in schema.names or pa.types.is_string(schema.field("chosen").type)
+        if "prompt" in schema.names and text_chosen:  # explicit strings (a missing column: the contract says so)
+            return None
+        batch = next(pq.ParquetFile(files[0]).iter_batches(batch_size=1), None)
+        first = batch.to_pylist() if batch is not None else []
     else:
         line = next((ln for ln in files[0].read_text(encoding="utf-8").splitlines() if ln.strip()), None)
         first = [json.loads(line)] if line else []
