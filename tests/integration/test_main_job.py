@@ -141,7 +141,12 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_policy, tmp_path):
     # A short temp dir of its own: Ray's Unix sockets live under it (path limit ~107 chars), and the
     # cluster's session files stay out of the test session's.
     ray_tmp = Path(tempfile.mkdtemp(prefix="wr-", dir="/tmp"))
-    env["RAY_TMPDIR"] = str(ray_tmp)
+    # And one per node: a node's runtime-env agent unpacks the job's working_dir under its temp dir
+    # when the driver connects, so two nodes sharing one dir (only possible on one machine) replace
+    # each other's copy under the running driver, whose cwd then no longer exists.
+    head_tmp, worker_tmp = ray_tmp / "head", ray_tmp / "worker"
+    head_tmp.mkdir(), worker_tmp.mkdir()
+    env["RAY_TMPDIR"] = str(head_tmp)
     # Ray 2.60 clusters started with `ray start` require token authentication: give every node and
     # the CLI the same fresh token instead of turning authentication off.
     env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"] = "token", secrets.token_hex(32)
@@ -150,7 +155,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_policy, tmp_path):
     ray = str(BIN / "ray")
     start = [ray, "start", "--head", f"--port={port}", "--num-cpus=4", f"--node-ip-address={ip}",
              "--include-dashboard=true", f"--dashboard-host={ip}", f"--dashboard-port={dash}",
-             f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={ray_tmp}", "--disable-usage-stats"]
+             f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={head_tmp}", "--disable-usage-stats"]
     run_dir = tmp_path / "run"
     try:
         # Both nodes share one IP: each needs its own dashboard-agent port (the default 52365 would
@@ -159,9 +164,9 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_policy, tmp_path):
         # there, and the manifest must say so.
         worker = [ray, "start", f"--address={ip}:{port}", "--num-cpus=4", f"--node-ip-address={ip}",
                   '--resources={"wpo_second_node": 1}', f"--dashboard-agent-listen-port={_free_port()}",
-                  "--disable-usage-stats"]
-        for cmd in (start, worker):
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+                  f"--temp-dir={worker_tmp}", "--disable-usage-stats"]
+        for cmd, tmp in ((start, head_tmp), (worker, worker_tmp)):
+            res = subprocess.run(cmd, env={**env, "RAY_TMPDIR": str(tmp)}, capture_output=True, text=True, timeout=180)
             assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
         def two_nodes() -> bool:  # the worker registers asynchronously after `ray start` returns
             out = subprocess.run([ray, "status", f"--address={ip}:{port}"], env=env, capture_output=True,
