@@ -34,18 +34,24 @@ log = logging.getLogger(__name__)
 
 class SamplerEngine:
     def __init__(self, model_path: str, sampling: dict, seed: int, trust_remote_code: bool = False,
-                 dtype: str = "float32", max_model_len: int | None = None):
+                 dtype: str = "float32", max_model_len: int | None = None, sleep_mode: bool = False):
         setup_worker_logging()
         verify_policy_dir(model_path)
         self.cfg = SamplingConfig.model_validate(sampling)
         self.sampler = make_sampler(self.cfg.backend, model_path, EngineConfig.model_validate(self.cfg.engine),
                                     seed=seed, trust_remote_code=trust_remote_code, dtype=dtype,
-                                    max_model_len=max_model_len)
+                                    max_model_len=max_model_len, sleep_mode=sleep_mode)
         self.policy = model_path
 
     def ready(self) -> dict:
-        """Up; and where (the run records each stage's placement)."""
-        return where_am_i()
+        """Up; where (the run records each stage's placement); and whether it can sleep."""
+        return {**where_am_i(), "can_sleep": self.sampler.can_sleep, "why_not_sleep": self.sampler.why_not_sleep}
+
+    def sleep(self, level: int) -> None:
+        self.sampler.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.sampler.wake_up(tags)
 
     def _ensure_policy(self, policy: str | None) -> None:
         if policy is not None and policy != self.policy:
@@ -138,23 +144,45 @@ class SamplerPool:
     def __init__(self, cfg: Config, model_path: str):
         import ray
 
+        from wpo_ray.colocation import engine_gpus
+
         s = cfg.sampling
         # max_task_retries=0: a call on a dead engine fails at once and call_with_failover
         # re-routes it, rather than waiting for this engine's restart (a vLLM start is minutes).
-        remote = ray.remote(num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor,
+        remote = ray.remote(num_cpus=s.num_cpus_per_actor, num_gpus=engine_gpus(cfg),
                             resources=dict(s.resources_per_actor), max_restarts=s.max_restarts,
                             max_task_retries=0)(SamplerEngine)
         self.failover_timeout_s = s.failover_timeout_s
         max_len = model_max_length(cfg)
+        sleep_mode = cfg.run.placement == "colocated"
         t0 = time.time()
         self.engines = [
-            remote.remote(model_path, s.model_dump(), cfg.run.seed, cfg.model.trust_remote_code, cfg.model.dtype, max_len)
+            remote.remote(model_path, s.model_dump(), cfg.run.seed, cfg.model.trust_remote_code, cfg.model.dtype,
+                          max_len, sleep_mode)
             for _ in range(s.num_actors)
         ]
-        self.placement = ray.get([e.ready.remote() for e in self.engines])  # one {node_id, ip} per engine
+        ready = ray.get([e.ready.remote() for e in self.engines])
+        self.placement = [{"node_id": r["node_id"], "ip": r["ip"]} for r in ready]  # one per engine
+        self.can_sleep = all(r["can_sleep"] for r in ready)
+        self.why_not_sleep = next((r["why_not_sleep"] for r in ready if not r["can_sleep"]), "")
         self.model_path = model_path
         log.info("[samplers] %d %s engine(s) on %s started in %.1fs", s.num_actors, s.backend, model_path,
                  time.time() - t0)
+
+    def sleep(self, level: int) -> None:
+        """Every engine frees its GPU (colocated placement, before training)."""
+        import ray
+
+        t0 = time.time()
+        ray.get([e.sleep.remote(level) for e in self.engines])
+        log.info("[samplers] engines asleep (level %d) in %.2fs", level, time.time() - t0)
+
+    def wake_up(self, tags: list[str]) -> None:
+        import ray
+
+        t0 = time.time()
+        ray.get([e.wake_up.remote(tags) for e in self.engines])
+        log.info("[samplers] engines woke %s in %.2fs", "+".join(tags), time.time() - t0)
 
     def load_weights(self, path: str) -> list[str]:
         import ray

@@ -20,6 +20,7 @@ from pipeline.evaluation import accuracy_table, eval_stage
 from pipeline.sampling import run_sampling
 from pipeline.streaming import run_round_streaming
 from pipeline.training import run_training
+from wpo_ray import colocation
 from wpo_ray.config import Config
 from wpo_ray.rundir import RunDir
 
@@ -29,17 +30,51 @@ log = logging.getLogger(__name__)
 class LazySamplers:
     """The run's sampler engines, started on first use (a resumed run that only writes its report
     starts none) and shut down at the end; a pool handed in (a test's shared engine) is used as it
-    is and left running."""
+    is and left running. Under colocated placement it also keeps the engines' turns with the
+    trainers: `before_training` puts them to sleep, and the next use wakes them with the new
+    policy (wpo_ray/colocation.py says which engine calls, in which order)."""
 
     def __init__(self, cfg: Config, pool=None):
         self.cfg, self.pool, self.owned = cfg, pool, pool is None
+        self.placement, self.asleep = cfg.run.placement, False
+        self.calls: list[str] = []  # engine calls made for placement, in order (the run log says them too)
+        if pool is not None:
+            self._resolve_placement()
 
     def __call__(self, policy: str):
         if self.pool is None:
             from actors.sampler import SamplerPool
 
             self.pool = SamplerPool(self.cfg, policy)
+            self._resolve_placement()
+        if self.asleep:  # a sleeping engine takes the new policy between its weights and its KV cache
+            self._do(colocation.on_next_use(True, self.pool.model_path, policy), policy)
+            self.asleep = False
         return self.pool
+
+    def before_training(self) -> None:
+        steps = colocation.before_training(self.placement, self.pool is not None, self.asleep)
+        self._do(steps, None)
+        self.asleep = self.asleep or "sleep" in steps
+
+    def _resolve_placement(self) -> None:
+        self.placement, fallback = colocation.effective_placement(self.cfg, self.pool.can_sleep, self.pool.why_not_sleep)
+        if fallback:
+            log.warning(fallback)
+
+    def _do(self, steps: tuple[str, ...], policy) -> None:
+        for step in steps:
+            self.calls.append(step)
+            if step == "sleep":
+                self.pool.sleep(colocation.SLEEP_LEVEL)
+            elif step == "wake_weights":
+                self.pool.wake_up(["weights"])
+            elif step == "load_weights":
+                self.pool.load_weights(policy)
+            elif step == "wake_kv_cache":
+                self.pool.wake_up(["kv_cache"])
+            else:
+                raise ValueError(f"unknown engine call {step!r}")
 
     def shutdown(self) -> None:
         if self.pool is not None and self.owned:
@@ -55,6 +90,7 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
         # Staged, or a streamed round whose pairs were recorded before its training was.
         if not run.done(r, "pairs"):  # (a resumed round starts no engine it does not need)
             run_sampling(cfg, run, r, policy, pool=samplers(policy))
+        samplers.before_training()  # colocated: the engines give the trainers their GPUs
         return run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference, run.train_dir(r))
 
     run.stage(r, "train", produce, outputs=("checkpoint",))

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import ray.train
 
 from wpo_ray import contracts
+from wpo_ray.colocation import trainer_resources
 from wpo_ray.config import Config
 from wpo_ray.contracts import pairs_files
 from wpo_ray.rundir import METRICS_FILE, STATE_FILE, RunDirError, atomic_write_text, checkpoint_has_policy
@@ -339,7 +340,7 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
             "shuffle": t.shuffle and stream is None,  # a stream is read once, in the order it flows
         },
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+                                               resources_per_worker=trainer_resources(cfg)),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(name="ray_train", storage_path=str(work_dir),
                                        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),

@@ -36,6 +36,10 @@ class RunConfig(_Strict):
     # through samplers, graders and pairing into the training workers, which start on the first
     # pairs while the samplers still sample (pipeline/streaming.py: one epoch, no mid-round checkpoints).
     overlap: Literal["staged", "streaming"] = "staged"
+    # separate: sampler engines and trainers on GPUs of their own. colocated: one engine and one
+    # trainer per GPU, taking turns (engines asleep while the trainers train; wpo_ray/colocation.py).
+    # Engines that cannot sleep (vLLM's CPU build) fall back to separate, said once in the log.
+    placement: Literal["separate", "colocated"] = "separate"
 
 
 class RayConfig(_Strict):
@@ -368,6 +372,28 @@ class Config(_Strict):
             if self.train.checkpoint_every:
                 raise ValueError("run.overlap=streaming restarts a failed round's training from its start (the "
                                  "stream cannot be replayed from the middle); train.checkpoint_every must be 0")
+        return self
+
+    @model_validator(mode="after")
+    def _colocated(self) -> "Config":
+        if self.run.placement != "colocated":
+            return self
+        s, t = self.sampling, self.train
+        if self.run.overlap == "streaming":
+            raise ValueError("run.placement=colocated: the engines sleep while the trainers train, so the two "
+                             "cannot overlap; set run.overlap=staged (or run.placement=separate)")
+        if (s.num_gpus_per_actor > 0) != t.use_gpu:
+            raise ValueError(f"run.placement=colocated shares GPUs between sampler engines and trainers, but "
+                             f"sampling.num_gpus_per_actor is {s.num_gpus_per_actor:g} and train.use_gpu is "
+                             f"{t.use_gpu}: expected both on GPUs or both on CPUs")
+        if t.use_gpu:
+            if s.engine.tensor_parallel_size != 1 or s.num_gpus_per_actor != 1:
+                raise ValueError(f"run.placement=colocated puts one engine and one trainer on each GPU: expected "
+                                 f"sampling.engine.tensor_parallel_size 1 and sampling.num_gpus_per_actor 1, got "
+                                 f"{s.engine.tensor_parallel_size} and {s.num_gpus_per_actor:g}")
+            if s.num_actors != t.num_workers:
+                raise ValueError(f"run.placement=colocated puts one engine and one trainer on each GPU: "
+                                 f"sampling.num_actors ({s.num_actors}) must equal train.num_workers ({t.num_workers})")
         return self
 
     @model_validator(mode="after")

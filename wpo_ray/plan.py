@@ -12,6 +12,10 @@ engines keep their GPUs through training; the RefLogp pool runs while the traine
 - ``trainers``: ``train.num_workers`` Ray Train workers of ``train.cpus_per_worker`` CPUs and one
   GPU each when ``train.use_gpu``.
 
+Under ``run.placement=colocated`` on GPUs an engine asks for 0.6 of a GPU and a trainer for 0.4
+(wpo_ray/colocation.py), so each GPU holds one of each and the two roles together hold as many
+GPUs as there are trainers. GPUs are fitted one by one, as Ray assigns them.
+
 :func:`check_fit` places every actor (a bundle) on the cluster's nodes, largest first, and raises
 :class:`PlanError` naming the first role that does not fit and why. :func:`memory_per_gpu` estimates
 what one GPU of each role holds, from the parameter count and dtype.
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .colocation import engine_gpus, shares_gpus, trainer_gpus
 from .config import Config
 
 GiB = 2**30
@@ -54,14 +59,14 @@ class Node:
 def roles(cfg: Config) -> list[Role]:
     s, t = cfg.sampling, cfg.train
     out = [
-        Role("samplers", s.num_actors, s.num_gpus_per_actor, s.num_cpus_per_actor, dict(s.resources_per_actor),
+        Role("samplers", s.num_actors, engine_gpus(cfg), s.num_cpus_per_actor, dict(s.resources_per_actor),
              s.engine.tensor_parallel_size),
         Role("graders", cfg.grading.num_actors, 0.0, 1.0),
     ]
     if t.loss.needs_reference and t.reference_logps == "precomputed":
         out.append(Role("reference", t.reference.num_actors, t.reference.num_gpus_per_actor,
                         t.reference.num_cpus_per_actor))
-    out.append(Role("trainers", t.num_workers, 1.0 if t.use_gpu else 0.0, t.cpus_per_worker))
+    out.append(Role("trainers", t.num_workers, trainer_gpus(cfg), t.cpus_per_worker))
     return out
 
 
@@ -152,30 +157,58 @@ def nodes_from_ray(ray_nodes: list[dict]) -> list[Node]:
 
 def check_fit(plan: list[Role], nodes: list[Node]) -> list[tuple[str, str]]:
     """Place every actor of `plan` on `nodes` (largest bundles first, first fit); returns
-    (actor, node) placements or raises PlanError naming the role that does not fit."""
+    (actor, node) placements or raises PlanError naming the role that does not fit.
+
+    GPUs are placed one by one, as Ray assigns them: an actor asking for g >= 1 GPUs takes g
+    whole free GPUs of one node; one asking for a fraction takes part of a single GPU."""
     free = [Node(n.name, n.cpus, n.gpus, dict(n.resources)) for n in nodes]
     if not free:
         raise PlanError("the cluster has no nodes")
+    gpu_free = {id(n): [1.0] * int(n.gpus) + ([n.gpus % 1] if n.gpus % 1 else []) for n in free}
     total_gpus = sum(n.gpus for n in nodes)
     need_gpus = sum(r.actors * r.gpus for r in plan)
-    if need_gpus > total_gpus:
+    if need_gpus > total_gpus + 1e-9:
         worst = max(plan, key=lambda r: r.actors * r.gpus)
         raise PlanError(f"{worst.name}: the run holds {need_gpus:g} GPUs at once ({_breakdown(plan)}); the cluster "
                         f"has {total_gpus:g} ({worst.name} alone: {worst.actors} x {worst.gpus:g})")
     bundles = sorted(((r, i) for r in plan for i in range(r.actors)), key=lambda b: (-b[0].gpus, -b[0].cpus))
     placed = []
     for role, i in bundles:
-        node = next((n for n in free if n.gpus >= role.gpus - 1e-9 and n.cpus >= role.cpus - 1e-9
+        node = next((n for n in free if _take_gpus(gpu_free[id(n)], role.gpus, dry_run=True)
+                     and n.cpus >= role.cpus - 1e-9
                      and all(n.resources.get(k, 0) >= v for k, v in role.resources.items())), None)
         if node is None:
             raise PlanError(f"{role.name}: actor {i + 1} of {role.actors} needs {_bundle(role)} on one node; "
                             f"{_why(role, nodes, free)}")
+        _take_gpus(gpu_free[id(node)], role.gpus)
         node.gpus -= role.gpus
         node.cpus -= role.cpus
         for k, v in role.resources.items():
             node.resources[k] -= v
         placed.append((f"{role.name}[{i}]", node.name))
     return placed
+
+
+def _take_gpus(gpus: list[float], want: float, dry_run: bool = False) -> bool:
+    """Take `want` GPUs from one node's per-GPU free shares: whole free GPUs for want >= 1, else
+    the first GPU with that much left. False (nothing taken) when they are not there."""
+    eps = 1e-9
+    if want <= 0:
+        return True
+    if want >= 1:
+        whole = [k for k, g in enumerate(gpus) if g >= 1 - eps]
+        if len(whole) < want - eps:
+            return False
+        if not dry_run:
+            for k in whole[:int(round(want))]:
+                gpus[k] = 0.0
+        return True
+    k = next((k for k, g in enumerate(gpus) if g >= want - eps), None)
+    if k is None:
+        return False
+    if not dry_run:
+        gpus[k] -= want
+    return True
 
 
 def _bundle(role: Role) -> str:
@@ -269,6 +302,9 @@ def describe(cfg: Config, nodes: Optional[list[Node]] = None, gpu_gib: float = 8
         lines.append(f"{r.name:11} {r.actors:6}  {r.gpus:9g}  {r.cpus:9g}  {other}")
     gpus, cpus = sum(r.actors * r.gpus for r in plan), sum(r.actors * r.cpus for r in plan)
     lines.append(f"held at once: {gpus:g} GPUs, {cpus:g} CPUs (one bundle per actor)")
+    if shares_gpus(cfg):
+        lines.append("placement: colocated (each shared GPU: one sampler engine 0.6 + one trainer 0.4; the engines "
+                     "sleep while the trainers train)")
     n_params = n_params or parameter_count(cfg)
     if n_params is None:
         lines.append(f"memory: unknown (no readable config.json at model.path {cfg.model.path}; give --params)")

@@ -5,6 +5,7 @@ policy, and a driver interrupted inside round 2 resumes without redoing a finish
 from __future__ import annotations
 
 import json
+import logging
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,15 +22,17 @@ def _state(run_dir, r: int, name: str) -> dict:
 
 
 def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_resume_in_round_two(
-        tiny_cfg_factory, tiny_policy, vllm_pool, failpoints, tmp_path):
+        tiny_cfg_factory, tiny_policy, vllm_pool, failpoints, tmp_path, caplog):
     from pipeline.round import run_rounds
     from wpo_ray.failpoints import arm, fired
     from wpo_ray.generation import prompt_seed
     from wpo_ray.rundir import RunDir
 
     # The same 16 questions in both rounds, so that their samples and weights can be compared.
+    # Colocated as asked, and the CPU engine cannot sleep: the run says so once and runs separate.
     cfg = tiny_cfg_factory("run.rounds=2", "run.reference=previous", "data.prompts_per_round=16",
-                           "data.reuse_prompts=true", "eval.max_prompts=16", run_dir=tmp_path / "run")
+                           "data.reuse_prompts=true", "eval.max_prompts=16", "run.placement=colocated",
+                           run_dir=tmp_path / "run")
     run_dir = tmp_path / "run"
     manifest = lambda: json.loads((run_dir / "manifest.json").read_text())["stages"]  # noqa: E731
     try:
@@ -45,7 +48,11 @@ def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_
         files = {(r, n): _state(run_dir, r, n) for r, n in [(1, s) for s in STAGES_ROUND_1] +
                  [(2, "prompts"), (2, "samples")]}
 
-        assert run_rounds(cfg, RunDir(cfg), pool=vllm_pool) == 0
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.round"):
+            assert run_rounds(cfg, RunDir(cfg), pool=vllm_pool) == 0
+        fallback = [r.getMessage() for r in caplog.records if "falling back to separate placement" in r.getMessage()]
+        assert len(fallback) == 1 and "vLLM has no sleep mode on cpu" in fallback[0], fallback
         after = manifest()
         for key, entry in finished.items():  # nothing recorded was redone
             assert after[key] == entry, key

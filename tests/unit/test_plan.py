@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wpo_ray.config import load_config
-from wpo_ray.plan import (Node, PlanError, check_fit, check_roles, describe, load_cluster, memory_per_gpu,
+from wpo_ray.plan import (Node, PlanError, Role, check_fit, check_roles, describe, load_cluster, memory_per_gpu,
                           nodes_from_counts, parameter_count, roles)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,10 +17,12 @@ CLUSTER = REPO / "k8s" / "raycluster.yaml"
 
 
 def test_roles_of_the_gsm8k_recipe():
-    by = {r.name: r for r in roles(load_config(GSM8K))}
-    assert (by["samplers"].actors, by["samplers"].gpus) == (4, 1)
-    assert (by["trainers"].actors, by["trainers"].gpus) == (8, 1)
+    by = {r.name: r for r in roles(load_config(GSM8K))}  # colocated: one engine + one trainer per GPU
+    assert (by["samplers"].actors, by["samplers"].gpus) == (8, 0.6)
+    assert (by["trainers"].actors, by["trainers"].gpus) == (8, 0.4)
     assert (by["reference"].actors, by["reference"].gpus) == (1, 1)
+    apart = {r.name: r for r in roles(load_config(GSM8K, ["run.placement=separate"]))}
+    assert (apart["samplers"].gpus, apart["trainers"].gpus) == (1, 1)
     # SimPO needs no reference: no RefLogp pool to plan for.
     assert "reference" not in {r.name for r in roles(load_config(GSM8K, ["train.loss.base=simpo"]))}
 
@@ -30,7 +32,30 @@ def test_shipped_recipes_fit_the_shipped_cluster_and_an_oversized_one_is_refused
     for recipe in (GSM8K, MATH):
         check_fit(roles(load_config(recipe)), nodes)
     with pytest.raises(PlanError, match=r"^samplers: the run holds 521 GPUs at once .* the cluster has 14"):
-        check_fit(roles(load_config(GSM8K, ["sampling.num_actors=512"])), nodes)
+        check_fit(roles(load_config(GSM8K, ["run.placement=separate", "sampling.num_actors=512"])), nodes)
+
+
+def test_colocated_engines_and_trainers_share_gpus_one_of_each_per_gpu():
+    cfg = load_config(GSM8K)  # 8 engines + 8 trainers colocated, + 1 RefLogp GPU
+    placed = check_fit(roles(cfg), nodes_from_counts(9, 1))
+    assert len(placed) == 8 + 4 + 8 + 1  # graders too
+    per_node = {}
+    for actor, node in placed:
+        per_node.setdefault(node, []).append(actor.split("[")[0])
+    shared = [sorted(a for a in v if a != "graders") for v in per_node.values()]
+    assert shared.count(["samplers", "trainers"]) == 8 and shared.count(["reference"]) == 1
+    with pytest.raises(PlanError, match=r"^samplers: the run holds 9 GPUs at once .* the cluster has 8"):
+        check_fit(roles(cfg), nodes_from_counts(8, 1))
+    # Separate, the same run needs 8 + 8 + 1 = 17.
+    with pytest.raises(PlanError, match=r"the run holds 17 GPUs at once"):
+        check_fit(roles(load_config(GSM8K, ["run.placement=separate"])), nodes_from_counts(9, 1))
+
+
+def test_fractional_gpus_are_placed_on_single_gpus_not_on_a_node_total():
+    # 3 x 0.6 = 1.8 <= 2 GPUs in total, but each GPU holds only one 0.6 share, as Ray assigns them.
+    with pytest.raises(PlanError, match=r"^samplers: actor 3 of 3 needs 0.6 GPU"):
+        check_fit([Role("samplers", 3, 0.6, 1.0)], [Node("n", 16, 2)])
+    check_fit([Role("samplers", 2, 0.6, 1.0), Role("trainers", 2, 0.4, 1.0)], [Node("n", 16, 2)])
 
 
 def test_a_cluster_given_as_nodes_and_gpus_per_node():
@@ -80,7 +105,10 @@ def test_describe_prints_every_role_and_the_fit():
     text = describe(load_config(GSM8K), load_cluster(CLUSTER), n_params=7_600_000_000)
     for role in ("samplers", "graders", "reference", "trainers"):
         assert role in text
-    assert "held at once: 13 GPUs" in text and "fits: 17 actors" in text and "memory per GPU for 7.60B" in text
+    assert "held at once: 9 GPUs" in text and "fits: 21 actors" in text and "memory per GPU for 7.60B" in text
+    assert "placement: colocated" in text
+    apart = describe(load_config(GSM8K, ["run.placement=separate"]), n_params=7_600_000_000)
+    assert "held at once: 17 GPUs" in apart and "placement: colocated" not in apart
 
 
 def test_cli_plan_exits_non_zero_naming_the_role(capsys):
@@ -88,7 +116,7 @@ def test_cli_plan_exits_non_zero_naming_the_role(capsys):
 
     assert main(["plan", str(GSM8K), "--cluster", str(CLUSTER)]) == 0
     assert "fits:" in capsys.readouterr().out
-    assert main(["plan", str(GSM8K), "sampling.num_actors=512", "--cluster", str(CLUSTER)]) == 1
+    assert main(["plan", str(GSM8K), "run.placement=separate", "sampling.num_actors=512", "--cluster", str(CLUSTER)]) == 1
     assert "does not fit: samplers:" in capsys.readouterr().err
     assert main(["plan", str(MATH), "--nodes", "16", "--gpus-per-node", "1"]) == 1
     assert "tensor_parallel_size 2" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import inspect
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def test_vllm_engine_gets_trust_remote_code():
                 and n.args.args[1].arg == "model_path")
     kwargs = next(n for n in ast.walk(init) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "dict")
     assert "trust_remote_code" in {k.arg for k in kwargs.keywords}
-    assert VLLMSampler.__init__.__defaults__[-2] is False  # trust_remote_code=False
+    assert inspect.signature(VLLMSampler.__init__).parameters["trust_remote_code"].default is False
 
 
 def test_no_pickle_and_no_unguarded_torch_load():

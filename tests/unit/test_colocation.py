@@ -1,0 +1,112 @@
+"""Colocated placement: what each role asks Ray for, the fallback, and the engines' sleep/wake
+sequence around training, driven through the pipeline's LazySamplers with a recording pool."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from wpo_ray import colocation
+from wpo_ray.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+GSM8K = REPO / "configs" / "qwen2-7b-gsm8k.yaml"
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+
+
+class RecordingPool:
+    """The SamplerPool interface the placement logic uses, recording each call in order."""
+
+    def __init__(self, policy: str, can_sleep: bool, why_not_sleep: str = ""):
+        self.model_path, self.can_sleep, self.why_not_sleep = policy, can_sleep, why_not_sleep
+        self.calls: list[tuple] = []
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags: list[str]) -> None:
+        self.calls.append(("wake_up", tuple(tags)))
+
+    def load_weights(self, path: str) -> None:
+        self.calls.append(("load_weights", path))
+        self.model_path = path
+
+
+def test_gpu_shares_give_one_engine_and_one_trainer_per_gpu():
+    cfg = load_config(GSM8K)
+    assert colocation.shares_gpus(cfg)
+    e, t = colocation.engine_gpus(cfg), colocation.trainer_gpus(cfg)
+    assert e + t == pytest.approx(1.0)
+    assert 2 * e > 1 and e + 2 * t > 1  # no GPU takes two engines, or an engine and two trainers
+    assert colocation.trainer_resources(cfg) == {"CPU": cfg.train.cpus_per_worker, "GPU": t}
+    apart = load_config(GSM8K, ["run.placement=separate"])
+    assert (colocation.engine_gpus(apart), colocation.trainer_gpus(apart)) == (1.0, 1.0)
+    assert "GPU" not in colocation.trainer_resources(apart)  # Ray Train's use_gpu: one whole GPU
+    tiny = load_config(TINY, ["run.placement=colocated"])  # on CPUs: nothing to share
+    assert not colocation.shares_gpus(tiny)
+    assert (colocation.engine_gpus(tiny), colocation.trainer_gpus(tiny)) == (0.0, 0.0)
+
+
+def test_engines_that_cannot_sleep_fall_back_on_cpu_and_are_refused_on_shared_gpus():
+    tiny = load_config(TINY, ["run.placement=colocated"])
+    placement, line = colocation.effective_placement(tiny, False, "vLLM has no sleep mode on cpu")
+    assert placement == "separate" and "cannot sleep (vLLM has no sleep mode on cpu)" in line
+    assert colocation.effective_placement(tiny, True) == ("colocated", None)
+    assert colocation.effective_placement(load_config(TINY), False) == ("separate", None)
+    with pytest.raises(RuntimeError, match="cannot sleep .* set run.placement=separate"):
+        colocation.effective_placement(load_config(GSM8K), False, "no sleep mode")
+
+
+def test_sleep_and_wake_calls_are_a_function_of_the_placement_and_the_engines_state():
+    assert colocation.before_training("colocated", engines_up=True, asleep=False) == ("sleep",)
+    assert colocation.before_training("colocated", engines_up=False, asleep=False) == ()  # none to put away
+    assert colocation.before_training("colocated", engines_up=True, asleep=True) == ()
+    assert colocation.before_training("separate", engines_up=True, asleep=False) == ()
+    assert colocation.on_next_use(True, "p0", "p1") == ("wake_weights", "load_weights", "wake_kv_cache")
+    assert colocation.on_next_use(True, "p1", "p1") == ("wake_weights", "wake_kv_cache")
+    assert colocation.on_next_use(False, "p0", "p1") == ("load_weights",)
+    assert colocation.on_next_use(False, "p1", "p1") == ()
+
+
+def test_the_pipeline_puts_colocated_engines_to_sleep_for_training_and_wakes_them_with_the_new_policy():
+    from pipeline.round import LazySamplers
+
+    cfg = load_config(GSM8K)
+    pool = RecordingPool("p0", can_sleep=True)
+    samplers = LazySamplers(cfg, pool)
+    assert samplers(("p0")) is pool and pool.calls == []  # round 1 samples the initial policy
+    samplers.before_training()
+    samplers.before_training()  # (a retried training attempt) asleep already: no second call
+    assert pool.calls == [("sleep", colocation.SLEEP_LEVEL)]
+    samplers("p1")  # evaluation of round 1's policy
+    assert pool.calls[1:] == [("wake_up", ("weights",)), ("load_weights", "p1"), ("wake_up", ("kv_cache",))]
+    samplers("p1")  # round 2's sampling: awake, policy loaded, nothing to do
+    assert len(pool.calls) == 4 and samplers.calls == ["sleep", "wake_weights", "load_weights", "wake_kv_cache"]
+
+
+def test_the_cpu_engine_falls_back_to_separate_saying_so_once(caplog):
+    from pipeline.round import LazySamplers
+
+    cfg = load_config(TINY, ["run.placement=colocated"])
+    pool = RecordingPool("p0", can_sleep=False, why_not_sleep="vLLM has no sleep mode on cpu")
+    with caplog.at_level(logging.WARNING, logger="pipeline.round"):
+        samplers = LazySamplers(cfg, pool)
+        for r in range(1, 4):
+            samplers(f"p{r - 1}")
+            samplers.before_training()
+    said = [r.getMessage() for r in caplog.records if "falling back to separate placement" in r.getMessage()]
+    assert len(said) == 1 and "vLLM has no sleep mode on cpu" in said[0]
+    assert samplers.placement == "separate" and pool.calls == [] and samplers.calls == []
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["run.overlap=streaming", "train.checkpoint_every=0"], "run.overlap=staged"),
+    (["train.use_gpu=false"], "both on GPUs or both on CPUs"),
+    (["sampling.num_actors=4"], r"sampling.num_actors \(4\) must equal train.num_workers \(8\)"),
+    (["sampling.engine.tensor_parallel_size=2", "sampling.num_gpus_per_actor=2"], "tensor_parallel_size 1"),
+])
+def test_colocated_combinations_that_cannot_work_are_refused_naming_the_keys(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(GSM8K, overrides)
