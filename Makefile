@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit chromium clean
+.PHONY: setup demo test test-unit test-gpu chromium clean
 
 setup: $(STAMP)
 
@@ -32,9 +32,13 @@ chromium:
 
 # Two pytest processes: tests marked `cluster` start their own multi-node Ray with `ray start`, and
 # run apart from the main session so its embedded Ray and theirs never share a process or env.
+# Tests marked `gpu` need a CUDA GPU: `make test-gpu` on a GPU machine runs them.
 test: setup chromium
-	$(BIN)/python -m pytest tests -m "not cluster" $(PYTEST_ARGS)
-	$(BIN)/python -m pytest tests -m cluster $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not cluster and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "cluster and not gpu" $(PYTEST_ARGS)
+
+test-gpu: setup
+	$(BIN)/python -m pytest tests -m gpu $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
