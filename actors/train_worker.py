@@ -212,6 +212,16 @@ def load_models(config: dict, cfg: Config, device: torch.device | str = "cpu"):
     return model, tokenizer, ref_model
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op. Only
+    `inference_all_reduce` uses it, never training, and building it costs 40-70 s of a CPU
+    training call whenever the cached build is stale (docs/ENVIRONMENT.md). No effect on GPUs,
+    where the op does not exist."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
@@ -233,6 +243,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with it
     total_steps = config["total_steps"]
+    skip_shm_comm_build()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=deepspeed_config(cfg, total_steps),
                                       lr_scheduler=lr_scheduler(cfg, total_steps), dist_init_required=False)
