@@ -112,14 +112,30 @@ def test_sampler_engine_killed_mid_round_round_completes_exactly_once(tiny_cfg_f
         run, info = _run(cfg, pool)
         assert fired(failpoints, "sampler.sample"), "the failpoint never fired: nothing was tested"
         pairs = _check_round(run, cfg, info)  # contracts, and every prompt is exactly one pair or skip
-        # Both engines answer again: the dead one was restarted by Ray.
-        assert all(p["node_id"] for p in ray_session.get([e.ready.remote() for e in pool.engines], timeout=300))
+        # Both engines answer again: the dead one was restarted by Ray (a call during its restart is
+        # refused at once, max_task_retries=0, so ask until it is back).
+        assert all(p["node_id"] for p in _ready_after_restart(ray_session, pool.engines, timeout_s=300))
         clean = tiny_cfg_factory(*over, run_dir=tmp_path / "clean")
         object.__setattr__(clean, "_policy", tiny_policy)
         _run(clean, pool)
     finally:
         pool.shutdown()
     assert pairs.equals(pq.read_table(tmp_path / "clean" / "round-001" / "pairs"))
+
+
+def _ready_after_restart(ray, engines, timeout_s: float) -> list[dict]:
+    import time
+
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return ray.get([e.ready.remote() for e in engines], timeout=timeout_s)
+        except ActorUnavailableError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
 
 
 def _stage_state(run_dir, stage):
