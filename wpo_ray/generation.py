@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional, Protocol
@@ -69,6 +70,12 @@ class VLLMSampler:
         )
         if self.can_sleep:
             self._engine_kwargs["enable_sleep_mode"] = True
+        in_process = current_platform.is_cpu() if engine.in_process is None else engine.in_process
+        if in_process and engine.tensor_parallel_size == 1:
+            # Read when the engine is built: no engine-core or worker process to spawn, each of
+            # which imports vLLM again (docs/ENVIRONMENT.md). This process hosts only this engine.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            self._engine_kwargs["distributed_executor_backend"] = "uni"
         self.llm = LLM(**self._engine_kwargs)
 
     def sleep(self, level: int) -> None:
