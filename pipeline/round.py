@@ -37,7 +37,6 @@ class LazySamplers:
     def __init__(self, cfg: Config, pool=None):
         self.cfg, self.pool, self.owned = cfg, pool, pool is None
         self.placement, self.asleep = cfg.run.placement, False
-        self.calls: list[str] = []  # engine calls made for placement, in order (the run log says them too)
         if pool is not None:
             self._resolve_placement()
 
@@ -64,7 +63,6 @@ class LazySamplers:
 
     def _do(self, steps: tuple[str, ...], policy) -> None:
         for step in steps:
-            self.calls.append(step)
             if step == "sleep":
                 self.pool.sleep(colocation.SLEEP_LEVEL)
             elif step == "wake_weights":

@@ -76,14 +76,14 @@ def test_the_pipeline_puts_colocated_engines_to_sleep_for_training_and_wakes_the
     cfg = load_config(GSM8K)
     pool = RecordingPool("p0", can_sleep=True)
     samplers = LazySamplers(cfg, pool)
-    assert samplers(("p0")) is pool and pool.calls == []  # round 1 samples the initial policy
+    assert samplers("p0") is pool and pool.calls == []  # round 1 samples the initial policy
     samplers.before_training()
     samplers.before_training()  # (a retried training attempt) asleep already: no second call
     assert pool.calls == [("sleep", colocation.SLEEP_LEVEL)]
     samplers("p1")  # evaluation of round 1's policy
     assert pool.calls[1:] == [("wake_up", ("weights",)), ("load_weights", "p1"), ("wake_up", ("kv_cache",))]
     samplers("p1")  # round 2's sampling: awake, policy loaded, nothing to do
-    assert len(pool.calls) == 4 and samplers.calls == ["sleep", "wake_weights", "load_weights", "wake_kv_cache"]
+    assert len(pool.calls) == 4 and not samplers.asleep
 
 
 def test_the_cpu_engine_falls_back_to_separate_saying_so_once(caplog):
@@ -98,7 +98,7 @@ def test_the_cpu_engine_falls_back_to_separate_saying_so_once(caplog):
             samplers.before_training()
     said = [r.getMessage() for r in caplog.records if "falling back to separate placement" in r.getMessage()]
     assert len(said) == 1 and "vLLM has no sleep mode on cpu" in said[0]
-    assert samplers.placement == "separate" and pool.calls == [] and samplers.calls == []
+    assert samplers.placement == "separate" and pool.calls == []
 
 
 @pytest.mark.parametrize("overrides, key", [
