@@ -138,6 +138,8 @@ def test_a_vllm_engine_killed_mid_round_gives_the_round_an_undisturbed_run_gives
     samples = pq.read_table(tmp_path / "killed" / "round-001" / "samples")
     assert sorted(samples.column("prompt_id").to_pylist()) == sorted(set(samples.column("prompt_id").to_pylist()))
     read = lambda run, out: pq.read_table(tmp_path / run / "round-001" / out)  # noqa: E731
-    assert read("killed", "samples").column("responses").equals(read("clean", "samples").column("responses"))
+    # The same samples for every prompt; the re-routed batch may land in another file of the stage.
+    by_prompt = lambda run: read(run, "samples").sort_by("prompt_id").select(["prompt_id", "responses"])  # noqa: E731
+    assert by_prompt("killed").equals(by_prompt("clean"))
     for out in ("pairs", "skips"):
         assert read("killed", out).equals(read("clean", out)), out
