@@ -73,7 +73,8 @@ class VLLMSampler:
         in_process = current_platform.is_cpu() if engine.in_process is None else engine.in_process
         if in_process and engine.tensor_parallel_size == 1:
             # Read when the engine is built: no engine-core or worker process to spawn, each of
-            # which imports vLLM again (docs/ENVIRONMENT.md). This process hosts only this engine.
+            # which imports vLLM again (docs/ENVIRONMENT.md). The variable stays set for this
+            # process, so any later engine built here (a reload, the driver's evaluate) is in-process too.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             self._engine_kwargs["distributed_executor_backend"] = "uni"
         self.llm = LLM(**self._engine_kwargs)
