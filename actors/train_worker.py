@@ -1,11 +1,11 @@
-"""The training worker loop: one DeepSpeed engine per Ray Train worker, fed by a Ray Data shard of pairs.
+"""The training workers: DeepSpeed engines on Ray Train that live for the whole run, one round at a time.
 
-This module only hosts the step (`wpo_ray.step.pair_loss`): it sets up the engine, resumes,
-iterates the shard, reports metrics and checkpoints. Each worker reads
-`get_dataset_shard("train")` (equal fixed shards, `pipeline.training.FixedShards`: uneven batch
-counts would hang DeepSpeed's collectives). Checkpoints go through `ray.train.report`: every rank
-contributes its DeepSpeed shard and its ledger of the pair ids it has applied; rank 0 adds the HF
-weights (safetensors), the trainer state and the metrics.
+This module only hosts the step (`wpo_ray.step.pair_loss`). A worker sets its engine up once,
+then trains each round the driver puts in its feed (pipeline/training.py): the round's fixed
+shard of pairs (equal shards: uneven batch counts would hang DeepSpeed's collectives), a fresh
+optimizer state and LR schedule per round, metrics, checkpoints. Checkpoints go through
+`ray.train.report`: every rank contributes its DeepSpeed shard and its ledger of the pair ids it
+has applied; rank 0 adds the HF weights (safetensors), the trainer state and the metrics.
 
 Restarts are exactly-once: a restarted worker restores the state of the last checkpoint and skips
 the micro-batches that state already contains. Its shard is the same on every start, and the
@@ -30,7 +30,7 @@ from wpo_ray.integrity import HashingCheckpointEngine, check_rank_manifests, ver
 from wpo_ray.losses import GammaPOMargins, dist_gather_fn
 from wpo_ray.rundir import DS_DIR, METRICS_FILE, POLICY_DIR, STATE_FILE, gamma_po_file, ledger_file
 from wpo_ray.step import encode_batch, model_device, pair_loss
-from wpo_ray.train_plan import deepspeed_config, lr_scheduler, zero_stage
+from wpo_ray.train_plan import deepspeed_config, lr_scheduler, train_max_length, zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,27 @@ class Progress:
     step: int = 0
     applied: list[str] = field(default_factory=list)  # pair ids in the order this rank applied them
     metrics_lines: list[str] = field(default_factory=list)  # rank 0: one JSON line per optimizer step
+    final: bool = False  # the restored checkpoint is the round's last: nothing left to train
 
 
-def _restore(engine, margins_fn, rank: int, ckpt) -> Progress:
-    """Resume from Ray Train's last checkpoint `ckpt`, if any: DeepSpeed state + how far the stream
-    got. Every file is checked against the checkpoint's manifests before anything is read."""
+@dataclass
+class Round:
+    """One round's training, as the driver hands it to the workers (pipeline/training.py's RoundFeed)."""
+
+    index: int
+    policy_path: str  # the weights the round starts from (the group's own weights after its first round)
+    reference_path: str
+    total_steps: int
+    metrics_path: str | None = None
+    tensorboard_dir: str | None = None
+    shards: list | None = None  # one fixed shard per rank; None: Ray Train's "train" dataset (a stream)
+    shuffle: bool = False
+
+
+def _restore(engine, margins_fn, rank: int, ckpt, round_idx: int) -> Progress:
+    """Resume round `round_idx` from Ray Train's last checkpoint `ckpt`, if it is one of this round:
+    DeepSpeed state + how far the stream got (`final`: the round is already trained). Every file is
+    checked against the checkpoint's manifests before anything is read."""
     progress = Progress()
     if not ckpt:
         return progress
@@ -100,11 +116,14 @@ def _restore(engine, margins_fn, rank: int, ckpt) -> Progress:
         d = Path(d)
         verified = verify_checkpoint(d)  # before anything is read, let alone unpickled
         state = json.loads((d / STATE_FILE).read_text())
+        if state.get("round", round_idx) != round_idx:  # an earlier round's: this round starts from its policy
+            return progress
         check_rank_manifests(d, state["world_size"])
         engine.checkpoint_engine.verified = verified
         engine.load_checkpoint(str(d / DS_DIR), tag="ds")
         progress.applied = json.loads((d / ledger_file(rank)).read_text())
         progress.micro_done, progress.step = state["micro_steps"], state["optimizer_steps"]
+        progress.final = bool(state.get("final"))
         if margins_fn is not None:  # this rank's own queue (older checkpoints: rank 0's, in the state)
             own = d / gamma_po_file(rank)
             queue = json.loads(own.read_text()) if own.exists() else state.get("gamma_po_queue")
@@ -118,8 +137,13 @@ def _restore(engine, margins_fn, rank: int, ckpt) -> Progress:
     return progress
 
 
-def _report_checkpoint(engine, tokenizer, cfg: Config, progress: Progress, margins_fn, rank: int, world: int,
-                       placement: list[dict], final: bool) -> None:
+def checkpoint_name(round_idx: int, step: int, final: bool) -> str:
+    """The directory Ray Train keeps a checkpoint in (the driver copies the final one)."""
+    return f"round-{round_idx:03d}-step-{step:06d}" if not final else f"round-{round_idx:03d}-final"
+
+
+def _report_checkpoint(engine, tokenizer, cfg: Config, rnd: Round, progress: Progress, margins_fn, rank: int,
+                       world: int, placement: list[dict], final: bool) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,27 +156,28 @@ def _report_checkpoint(engine, tokenizer, cfg: Config, progress: Progress, margi
         if margins_fn is not None:
             (d / gamma_po_file(rank)).write_text(json.dumps(margins_fn.state_dict()["queue"].tolist()))
         if rank == 0:
-            (d / STATE_FILE).write_text(json.dumps({"micro_steps": progress.micro_done,
-                                                    "optimizer_steps": progress.step, "world_size": world, "placement": placement,
-                                                    "final": final}))
+            (d / STATE_FILE).write_text(json.dumps({"round": rnd.index, "micro_steps": progress.micro_done,
+                                                    "optimizer_steps": progress.step, "world_size": world,
+                                                    "placement": placement, "final": final}))
             lines = progress.metrics_lines
             (d / METRICS_FILE).write_text("\n".join(lines) + ("\n" if lines else ""))
         write_manifest(d, rank, engine.checkpoint_engine.written)  # last: it vouches for the rest
-        ray.train.report({"step": progress.step, "final": final}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint-{progress.step:06d}{'-final' if final else ''}")
+        ray.train.report({"round": rnd.index, "step": progress.step, "final": final},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=checkpoint_name(rnd.index, progress.step, final))
 
 
 class StepLog:
     """Rank 0's record of each optimizer step: metrics.jsonl, TensorBoard, one progress line."""
 
-    def __init__(self, config: dict, rank: int, total_steps: int, progress: Progress):
-        self.rank, self.total, self.progress = rank, total_steps, progress
-        self.path = Path(config["metrics_path"]) if config.get("metrics_path") else None
+    def __init__(self, rnd: Round, rank: int, progress: Progress):
+        self.rank, self.total, self.progress = rank, rnd.total_steps, progress
+        self.path = Path(rnd.metrics_path) if rnd.metrics_path else None
         self.tb = None
-        if rank == 0 and config.get("tensorboard_dir"):
+        if rank == 0 and rnd.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(config["tensorboard_dir"])
+            self.tb = SummaryWriter(rnd.tensorboard_dir)
 
     def write(self, m: dict) -> None:
         if self.rank != 0:
@@ -193,7 +218,7 @@ def epoch_batches(shard, micro_batch_size: int, seed: int, rank: int, epoch: int
         yield table.take(order[i : i + micro_batch_size])
 
 
-def load_models(config: dict, cfg: Config, device: torch.device | str = "cpu"):
+def load_models(policy_path: str, reference_path: str, cfg: Config, device: torch.device | str = "cpu"):
     """(policy, tokenizer, reference model or None): each read from disk once. The reference model
     is loaded only when it runs on the worker (`train.reference_logps=worker`), on `device`."""
     from wpo_ray.generation import load_hf_policy
@@ -202,14 +227,17 @@ def load_models(config: dict, cfg: Config, device: torch.device | str = "cpu"):
     on_worker = cfg.train.loss.needs_reference and cfg.train.reference_logps == "worker"
     # A round's checkpoint is verified before it is read; each directory once (the reference is
     # often the policy itself), and the reference only when this worker loads it.
-    for path in dict.fromkeys([config["policy_path"], *([config["reference_path"]] if on_worker else [])]):
+    for path in dict.fromkeys([policy_path, *([reference_path] if on_worker else [])]):
         verify_policy_dir(path)
-    model, tokenizer = load_hf_policy(config["policy_path"], cfg.model.dtype, cfg.model.trust_remote_code)
-    ref_model = None
-    if on_worker:
-        ref_model, _ = load_hf_policy(config["reference_path"], cfg.model.dtype, cfg.model.trust_remote_code,
-                                      device=str(device))
+    model, tokenizer = load_hf_policy(policy_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    ref_model = load_reference(reference_path, cfg, device) if on_worker else None
     return model, tokenizer, ref_model
+
+
+def load_reference(path: str, cfg: Config, device: torch.device | str):
+    from wpo_ray.generation import load_hf_policy
+
+    return load_hf_policy(path, cfg.model.dtype, cfg.model.trust_remote_code, device=str(device))[0]
 
 
 def skip_shm_comm_build() -> None:
@@ -222,8 +250,21 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def restart_optimizer(engine, cfg: Config, total_steps: int) -> None:
+    """Start the next round as a fresh trainer would (what iterative DPO does): Adam's moments and
+    step counts cleared (torch's and DeepSpeed's Adam create them again on the next step) and the
+    LR schedule from its first step, sized for this round."""
+    engine.basic_optimizer.state.clear()
+    engine.lr_scheduler = lr_scheduler(cfg, total_steps)(engine.basic_optimizer)
+
+
 def train_loop_per_worker(config: dict) -> None:
+    """A Ray Train worker for the whole run: set up once, then train each round the driver puts in
+    the feed (`config["feed"]`, pipeline/training.py) until it says stop. A (re)started worker
+    loads the pending round's starting policy and resumes that round from Ray Train's last
+    checkpoint when the checkpoint is one of that round's."""
     import deepspeed
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -231,42 +272,66 @@ def train_loop_per_worker(config: dict) -> None:
 
     setup_worker_logging()
     cfg = Config.model_validate(config["cfg"])
-    t, loss_cfg = cfg.train, cfg.train.loss
+    t = cfg.train
+    feed = config["feed"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     torch.manual_seed(cfg.run.seed + rank)
 
+    rnd: Round | None = ray.get(feed.next_round.remote(-1))
+    if rnd is None:
+        return
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
-    model, tokenizer, ref_model = load_models(config, cfg, device)
+    model, tokenizer, ref_model = load_models(rnd.policy_path, rnd.reference_path, cfg, device)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with it
-    total_steps = config["total_steps"]
     skip_shm_comm_build()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=deepspeed_config(cfg, total_steps),
-                                      lr_scheduler=lr_scheduler(cfg, total_steps), dist_init_required=False)
+                                      config=deepspeed_config(cfg, rnd.total_steps),
+                                      lr_scheduler=lr_scheduler(cfg, rnd.total_steps), dist_init_required=False)
     device = model_device(engine)  # where DeepSpeed placed the policy: its inputs go there
     engine.checkpoint_engine = HashingCheckpointEngine(engine.checkpoint_engine)
     if world == 1:
         # No peers to average gradients with: skip DeepSpeed's flatten / all-reduce / copy-back
         # of every gradient after each backward (a fifth of a CPU step on one rank).
         engine.enable_backward_allreduce = False
+    placement = _gather_placement(world)
+    ckpt, reference = ray.train.get_checkpoint(), rnd.reference_path
+    first = True
+    while rnd is not None:
+        if not first:
+            restart_optimizer(engine, cfg, rnd.total_steps)
+            if ref_model is not None and rnd.reference_path != reference:  # run.reference=previous
+                ref_model, reference = load_reference(rnd.reference_path, cfg, device), rnd.reference_path
+        train_round(engine, tokenizer, ref_model, cfg, rnd, ckpt, rank, world, placement, device)
+        ckpt, first = None, False  # only a (re)start resumes from a checkpoint
+        ray.get(feed.round_done.remote(rnd.index, rank))
+        rnd = ray.get(feed.next_round.remote(rnd.index))
+
+
+def train_round(engine, tokenizer, ref_model, cfg: Config, rnd: Round, ckpt, rank: int, world: int,
+                placement: list[dict], device) -> None:
+    """Train one round on this rank's shard and report its final checkpoint (HF policy included)."""
+    import ray.train
+
+    t, loss_cfg = cfg.train, cfg.train.loss
     margins_fn = (GammaPOMargins(loss_cfg.gamma_po, loss_cfg.beta, gather_fn=dist_gather_fn())
                   if loss_cfg.gamma_po.enabled else None)
-    progress = _restore(engine, margins_fn, rank, ray.train.get_checkpoint())
-    placement = _gather_placement(world)
-    steps = StepLog(config, rank, total_steps, progress)
-
-    shard = ray.train.get_dataset_shard("train")
+    progress = _restore(engine, margins_fn, rank, ckpt, rnd.index)
+    if progress.final:
+        return
+    total_steps = rnd.total_steps
+    steps = StepLog(rnd, rank, progress)
+    shard = rnd.shards[rank] if rnd.shards is not None else ray.train.get_dataset_shard("train")
     seen, accum, t_step, tokens = 0, [], time.time(), 0
-    mb = t.micro_batch_size
+    mb, max_length = t.micro_batch_size, train_max_length(cfg)
     done = progress.step >= total_steps
     for epoch in range(t.epochs):
         if done:
             break
-        batches = (epoch_batches(shard, mb, cfg.run.seed, rank, epoch) if config.get("shuffle")
+        batches = (epoch_batches(shard, mb, cfg.run.seed, rank, epoch) if rnd.shuffle
                    else shard.iter_batches(batch_size=mb, batch_format="pyarrow", drop_last=True))
         for batch in batches:
             seen += 1
@@ -280,7 +345,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "since the checkpoint, refusing to resume on them")
                 continue
             failpoint("train.micro_step")
-            inputs = encode_batch(tokenizer, cols["prompt"], cols["chosen"], cols["rejected"], config["max_length"],
+            inputs = encode_batch(tokenizer, cols["prompt"], cols["chosen"], cols["rejected"], max_length,
                                   cols.get("prompt_id"), device=device)
             tokens += int(inputs["attention_mask"].sum())
             # pair_loss refuses NaN/inf inputs (ValueError) before anything reaches the optimizer.
@@ -305,9 +370,9 @@ def train_loop_per_worker(config: dict) -> None:
             accum, tokens, t_step = [], 0, time.time()
             steps.write(m)
             if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and progress.step < total_steps:
-                _report_checkpoint(engine, tokenizer, cfg, progress, margins_fn, rank, world, placement, final=False)
+                _report_checkpoint(engine, tokenizer, cfg, rnd, progress, margins_fn, rank, world, placement, final=False)
             if progress.step >= total_steps:
                 done = True
                 break
     steps.close()
-    _report_checkpoint(engine, tokenizer, cfg, progress, margins_fn, rank, world, placement, final=True)
+    _report_checkpoint(engine, tokenizer, cfg, rnd, progress, margins_fn, rank, world, placement, final=True)

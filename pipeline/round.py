@@ -79,7 +79,34 @@ class LazySamplers:
             self.pool.shutdown()
 
 
-def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, samplers: LazySamplers) -> None:
+class LazyTrainers:
+    """The run's trainer group (pipeline/training.py), started on the first round that trains and
+    kept for the rest of the run (`run.trainers: persistent`). None where each round starts its
+    own: `run.trainers: per_round`, a streamed round (its workers read the round's stream), and
+    colocated engines, which need the trainers' GPUs given back between rounds."""
+
+    def __init__(self, cfg: Config, run: RunDir):
+        self.cfg, self.run, self.group = cfg, run, None
+
+    def __call__(self, placement: str):
+        if self.cfg.run.trainers != "persistent" or self.cfg.run.overlap == "streaming" or placement != "separate":
+            return None
+        if self.group is None:
+            from pipeline.training import TrainerGroup, claim_work_dir
+
+            # Ray Train state another config left here is never resumed (the run dir refuses one anyway).
+            claim_work_dir(self.run.trainers_dir, self.cfg, "", "", [])
+            self.group = TrainerGroup(self.cfg, self.run.trainers_dir)
+            log.info("[run] trainer group started: %d worker(s) for every round", self.cfg.train.num_workers)
+        return self.group
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+
+
+def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, samplers: LazySamplers,
+                trainers: LazyTrainers) -> None:
     """Round r's sampling half and training, recorded as the `train` stage (its checkpoint)."""
 
     def produce(out) -> dict:
@@ -89,7 +116,8 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
         if not run.done(r, "pairs"):  # (a resumed round starts no engine it does not need)
             run_sampling(cfg, run, r, policy, pool=samplers(policy))
         samplers.before_training()  # colocated: the engines give the trainers their GPUs
-        return run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference, run.train_dir(r))
+        return run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference, run.train_dir(r),
+                            group=trainers(samplers.placement), round_idx=r)
 
     run.stage(r, "train", produce, outputs=("checkpoint",))
 
@@ -119,18 +147,19 @@ def run_rounds(cfg: Config, run: RunDir, pool=None) -> int:
     init_ray(cfg.ray)
     check_cluster(cfg)
     initial = resolve_policy(cfg)
-    samplers = LazySamplers(cfg, pool)
+    samplers, trainers = LazySamplers(cfg, pool), LazyTrainers(cfg, run)
     try:
         if not run.done(0, "eval"):
             eval_stage(cfg, run, 0, initial, samplers(initial))
         policy = initial
         for r in range(1, cfg.run.rounds + 1):
             reference = initial if cfg.run.reference == "initial" else policy
-            train_round(cfg, run, r, policy, reference, samplers)
+            train_round(cfg, run, r, policy, reference, samplers, trainers)
             policy = str(run.policy_dir(r))
             if not run.done(r, "eval"):
                 eval_stage(cfg, run, r, policy, samplers(policy))
     finally:
+        trainers.close()
         samplers.shutdown()
     return _finish(cfg, run, t_start)
 

@@ -91,7 +91,7 @@ def run_round_streaming(cfg: Config, run: RunDir, r: int, policy_path: str, refe
         # from starting until sampling ends (measured). Batch size: Ray's default waits for 1024 rows.
         batch_size=cfg.sampling.batch_size, batch_format="pyarrow", num_cpus=0)
     info = run_training(cfg, None, checkpoint_dir, policy_path, reference_path, run.train_dir(r),
-                        stream=(pairs, n_prompts))
+                        stream=(pairs, n_prompts), round_idx=r)
 
     # How long training and sampling ran at once: from the first optimizer step to the last pairs.
     last_pairs = max((f.stat().st_mtime for f in (parts / "pairs").glob("*.parquet")), default=t0)

@@ -1,11 +1,16 @@
-"""The second half of a round: pairs → reference log-probs → DeepSpeed workers on Ray Train → checkpoint.
+"""The second half of a round: pairs → reference log-probs → the trainer group → checkpoint.
 
 The pairs are read with Ray Data and checked for values that would poison the optimizer before
 any worker starts. They then get their reference log-probs from the RefLogp actor pool (when
-precomputed) and are materialised in Ray's object store (not in the driver) by a driver thread,
-while Ray Train starts the workers (`PairsInBackground`). Each worker reads a fixed shard
-(`FixedShards`): the same rows in the same order on every (re)start, which is what makes resuming
-exactly-once.
+precomputed), are materialised in Ray's object store (not in the driver) and split into equal
+contiguous shards, one per worker, handed over through the group's feed: the same rows in the
+same order on every (re)start of the workers, which is what makes resuming exactly-once.
+
+`TrainerGroup` is one Ray Train run whose DeepSpeed workers (actors/train_worker.py) train round
+after round: the main job starts it once (`run.trainers: persistent`), so no round pays for
+starting workers, importing DeepSpeed, loading the policy or building the engine again. A
+one-off call (`wpo-ray train`, a streamed round, `run.trainers: per_round`) starts a group for
+one round; the workers then start while the driver prepares the pairs.
 """
 
 from __future__ import annotations
@@ -34,28 +39,6 @@ from wpo_ray.train_plan import expected_total_steps, train_max_length, zero_stag
 log = logging.getLogger(__name__)
 
 JOB_FILE = "train_job.json"
-
-
-class FixedShards(ray.train.DataConfig):
-    """Split the (materialised) pairs into equal contiguous shards, the same on every (re)start.
-
-    Ray's default, `streaming_split`, hands blocks to whichever worker asks first, so after a
-    restart a worker's shard may hold other pairs, and skipping the micro-batches it had already
-    applied would skip the wrong ones. Equal sizes keep DeepSpeed's collectives in step.
-    """
-
-    def __init__(self, pairs_mailbox=None):
-        super().__init__()
-        self.pairs_mailbox = pairs_mailbox
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        # Ray Train calls this when rank 0 first asks for its shard, i.e. once the workers have
-        # loaded the model and built the DeepSpeed engine. The mailbox hands over the driver's
-        # materialised copy of the (single) dataset instead of running its stages again here.
-        if self.pairs_mailbox is not None:
-            datasets = {name: _receive_pairs(self.pairs_mailbox) for name in datasets}
-        return [{name: shard.iterator() for name, shard in zip(datasets, shards)}
-                for shards in zip(*(ds.split(world_size, equal=True) for ds in datasets.values()))]
 
 
 def refuse_untrainable(ds, source: str) -> None:
@@ -87,64 +70,103 @@ def refuse_untrainable_input(source: str | Path, ds) -> None:
 
 
 @ray.remote(num_cpus=0)
-class _PairsMailbox:
-    """Holds ("ready", dataset) or ("failed", message) once the driver thread has it."""
+class RoundFeed:
+    """What a trainer group's workers train next: the pending round, which ranks have finished it,
+    and stop. Workers (re)started by Ray Train ask it for the pending round, so a restart trains
+    the same round on the same shards."""
 
-    def __init__(self):
-        self._ready, self._value = asyncio.Event(), None
+    def __init__(self, world: int):
+        self.world, self.round, self.finished, self.stopped = world, None, set(), False
+        self.changed = asyncio.Condition()
 
-    async def put(self, value) -> None:
-        self._value = value
-        self._ready.set()
+    async def put(self, rnd) -> None:
+        async with self.changed:
+            self.round, self.finished = rnd, set()
+            self.changed.notify_all()
 
-    async def get(self):
-        await self._ready.wait()
-        return self._value
+    async def stop(self) -> None:
+        async with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
+
+    async def next_round(self, after: int):
+        """The pending round once its index is above `after`; None once stopped."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.stopped or (self.round is not None and self.round.index > after))
+            return None if self.stopped else self.round
+
+    async def round_done(self, index: int, rank: int) -> None:
+        async with self.changed:
+            if self.round is not None and self.round.index == index:
+                self.finished.add(rank)
+                self.changed.notify_all()
+
+    async def wait_done(self, index: int) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: len(self.finished) == self.world and self.round.index == index)
 
 
-def _receive_pairs(mailbox):
-    """The materialised pairs, once the driver thread has them (blocks until then)."""
-    state, value = ray.get(mailbox.get.remote())
-    if state == "failed":
-        raise RuntimeError(f"the pairs could not be prepared for training: {value}")
-    return value
+class TrainerGroup:
+    """`train.num_workers` DeepSpeed workers in one Ray Train run, training the rounds handed to
+    `train` one after another. Ray Train's fault tolerance holds across rounds: a worker that dies
+    brings the group back from the last checkpoint (`train.max_failures` times per run), and the
+    pending round resumes from it exactly once. `stream`: a Ray dataset the workers read as Ray
+    Train's "train" dataset (a streamed round; such a group trains one round)."""
 
+    def __init__(self, cfg: Config, storage: str | Path, stream=None):
+        from ray.train.torch import TorchConfig, TorchTrainer
 
-class PairsInBackground:
-    """Materialise the pairs (the RefLogp stage included) on a driver thread while Ray Train starts.
+        from actors.train_worker import train_loop_per_worker
 
-    The RefLogp actor's start-up and compute then overlap the start of the trainer and its
-    workers (model loading, DeepSpeed engine) instead of preceding them: ~10 s of each on the tiny
-    CPU config. `FixedShards(pairs.mailbox)` takes the result when the workers ask for their
-    shards; it is the same dataset on every (re)start of the workers, as exactly-once needs.
-    """
-
-    def __init__(self, ds, source: str, check: bool):
-        self.dataset, self.error = None, None  # the driver keeps the materialised blocks' owner reference
-        self.mailbox = _PairsMailbox.remote()
-        self._thread = threading.Thread(target=self._prepare, args=(ds, source, check), daemon=True,
-                                        name="prepare-pairs")
+        t = cfg.train
+        self.storage = Path(storage).absolute() / "ray_train"
+        self.feed = RoundFeed.remote(t.num_workers)
+        self.error: Optional[BaseException] = None
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "feed": self.feed},
+            scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                                   resources_per_worker=trainer_resources(cfg)),
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+            run_config=ray.train.RunConfig(name=self.storage.name, storage_path=str(self.storage.parent),
+                                           failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                                           # The newest is what a restart needs; each holds optimizer state.
+                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            # Streamed pairs are split as they flow (Ray's streaming_split, equal shares per worker).
+            datasets={"train": stream} if stream is not None else None,
+        )
+        self._thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True, name="trainer-group")
         self._thread.start()
 
-    def _prepare(self, ds, source: str, check: bool) -> None:
-        t0 = time.time()
+    def _fit(self, trainer) -> None:
         try:
-            ds = ds.materialize()  # computed once; FixedShards splits it the same way on every restart
-            if check:  # the reference log-probs the RefLogp stage computed
-                refuse_untrainable(ds, source)
-            self.dataset = ds
-            self.mailbox.put.remote(("ready", ds))
-            log.info("[train] pairs ready for the workers in %.1fs", time.time() - t0)
-        except BaseException as e:  # noqa: BLE001 - handed to the trainer and re-raised by finish()
+            result = trainer.fit()
+            if result.error:
+                self.error = RuntimeError(f"training failed: {result.error}")
+        except BaseException as e:  # noqa: BLE001 - raised in the driver by train()
             self.error = e
-            self.mailbox.put.remote(("failed", f"{type(e).__name__}: {e}"))
 
-    def finish(self) -> None:
-        """Wait for the thread; raise its error, which explains a training failure better."""
-        self._thread.join()
-        ray.kill(self.mailbox)
-        if self.error is not None:
-            raise self.error
+    def train(self, rnd) -> Path:
+        """Train round `rnd` (actors.train_worker.Round); returns its final checkpoint directory.
+        The workers go on from the weights they hold (the last round's, which the caller wrote
+        where `rnd.policy_path` points); only a (re)started worker loads `rnd.policy_path`."""
+        from actors.train_worker import checkpoint_name
+
+        ray.get(self.feed.put.remote(rnd))
+        finished = self.feed.wait_done.remote(rnd.index)
+        while not ray.wait([finished], timeout=1.0)[0]:
+            if not self._thread.is_alive():
+                raise self.error or RuntimeError("the trainer group stopped before the round was trained")
+        return self.storage / checkpoint_name(rnd.index, 0, final=True)
+
+    def close(self, timeout_s: float = 120.0) -> None:
+        """Stop the workers once they are idle (a worker mid-round finishes it first)."""
+        self.feed.stop.remote()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("[train] the trainer group did not stop within %.0fs; leaving it to Ray's shutdown", timeout_s)
+        else:
+            ray.kill(self.feed)
 
 
 def claim_work_dir(work_dir: Path, cfg: Config, policy: str, reference: str, pairs_files: list[Path]) -> None:
@@ -275,19 +297,21 @@ def read_pairs(source: str | Path, cfg: Config, tokenizer_path: Optional[str] = 
 
 
 def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str | Path, policy_path: str,
-                 reference_path: str, work_dir: str | Path, stream=None) -> dict:
+                 reference_path: str, work_dir: str | Path, stream=None, group: Optional[TrainerGroup] = None,
+                 round_idx: int = 0) -> dict:
     """Train the policy on the pairs and write the directory `output_dir` (policy/ in HF
     safetensors + deepspeed/); the caller renames it into place (`RunDir.stage`, or the CLI).
-    `work_dir` holds Ray Train's state (resumed from on a rerun) and the step metrics.
+    `work_dir` holds the step metrics and, for a group started here, Ray Train's state (resumed
+    from on a rerun).
 
+    `group`: the run's persistent trainer group, which trains this as round `round_idx`; without
+    one, a group is started for this call and stopped after it.
     `stream` = (dataset, most pairs it can hold) replaces `pairs_source` for run.overlap=streaming
     (pipeline/streaming.py): the pairs are split among the workers as they flow, never materialised, and
     the schedule is sized for the upper bound; training ends when the stream does.
     """
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from actors.ref_logp import RefLogpActor
-    from actors.train_worker import train_loop_per_worker
+    from actors.train_worker import Round
 
     t = cfg.train
     output_dir, work_dir = Path(output_dir).absolute(), Path(work_dir).absolute()
@@ -297,14 +321,13 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
     else:
         (ds, n_pairs), has_ref = stream, False
     total = expected_total_steps(n_pairs, cfg)
-    max_length = train_max_length(cfg)
     ref_stage = t.loss.needs_reference and t.reference_logps == "precomputed" and not has_ref
     if ref_stage:
         ref = t.reference
         ds = ds.map_batches(RefLogpActor, fn_constructor_kwargs=dict(
             model_path=reference_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-            max_length=max_length, micro_batch_size=ref.micro_batch_size, threads=max(1, int(ref.num_cpus_per_actor)),
-            use_gpu=ref.num_gpus_per_actor > 0),
+            max_length=train_max_length(cfg), micro_batch_size=ref.micro_batch_size,
+            threads=max(1, int(ref.num_cpus_per_actor)), use_gpu=ref.num_gpus_per_actor > 0),
             # Streamed: each upstream block (one sampling batch's pairs) as it comes. A fixed batch
             # size makes Ray Data hold pairs back until that many have arrived, and a round of few
             # pairs per sampling batch then reached the workers only when sampling had ended.
@@ -315,58 +338,43 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
         log.info("[train] reference model on each worker (%s)", reference_path)
     stage = zero_stage(cfg)
     log.info(f"[train] {'up to ' if stream else ''}{n_pairs} pairs -> {'at most ' if stream else ''}{total} optimizer "
-        f"steps on {t.num_workers} DeepSpeed ZeRO-{stage} worker(s), loss {t.loss.base} "
+        f"steps on {t.num_workers} {'running ' if group else ''}DeepSpeed ZeRO-{stage} worker(s), loss {t.loss.base} "
         f"(beta {t.loss.beta}, weight placement {t.loss.weight_placement})"
         + (f"; ZeRO-0 instead of the configured {t.deepspeed.zero_stage}: one worker has nothing to partition"
            if stage != t.deepspeed.zero_stage else ""))
     t0 = time.time()
-    pairs = None
-    if stream is None:
+    own = group is None
+    if own and stream is None:
         claim_work_dir(work_dir, cfg, policy_path, reference_path, pairs_files(Path(pairs_source))[0])
-        pairs = PairsInBackground(ds, str(pairs_source), check=ref_stage)
-    else:
+    elif own:
         # A streamed round's training always starts from the round's start (run.overlap=streaming
         # has no mid-round checkpoints): no Ray Train state of an earlier attempt is resumed.
         shutil.rmtree(work_dir / "ray_train", ignore_errors=True)
         (work_dir / JOB_FILE).unlink(missing_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = work_dir / METRICS_FILE
     metrics_path.unlink(missing_ok=True)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"), "policy_path": policy_path, "reference_path": reference_path,
-            "total_steps": total, "max_length": max_length, "metrics_path": str(metrics_path),
-            "tensorboard_dir": str(work_dir / "tensorboard"),
-            "shuffle": t.shuffle and stream is None,  # a stream is read once, in the order it flows
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=trainer_resources(cfg)),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name="ray_train", storage_path=str(work_dir),
-                                       failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-                                       # The newest is what a restart needs; each holds optimizer state.
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ds},
-        # Streamed pairs are split as they flow (Ray's streaming_split, equal shares per worker).
-        dataset_config=FixedShards(pairs.mailbox) if stream is None else ray.train.DataConfig(),
-    )
+    if own:  # its workers start (load the policy, build their engines) while the pairs are prepared
+        group = TrainerGroup(cfg, work_dir, stream=ds if stream is not None else None)
     try:
-        result = trainer.fit()
-    except Exception:  # not Ctrl-C: that should not wait for the thread
-        if pairs is not None:
-            pairs.finish()  # raises the pairs' own error, which explains the training failure better
-        raise
-    if pairs is not None:
-        pairs.finish()
-    if result.error:
-        raise RuntimeError(f"training failed: {result.error}")
-    ckpt = result.checkpoint
-    if ckpt is None:
-        raise RuntimeError("training finished without a checkpoint")
-    with ckpt.as_directory() as d:
-        shutil.copytree(d, output_dir)
+        shards = None
+        if stream is None:
+            t_pairs = time.time()
+            ds = ds.materialize()  # computed once: a restarted worker gets the same shard
+            if ref_stage:  # the reference log-probs the RefLogp stage computed
+                refuse_untrainable(ds, str(pairs_source))
+            shards = ds.split(t.num_workers, equal=True)
+            log.info("[train] pairs ready for the workers in %.1fs", time.time() - t_pairs)
+        final = group.train(Round(
+            index=round_idx, policy_path=str(policy_path), reference_path=str(reference_path), total_steps=total,
+            metrics_path=str(metrics_path), tensorboard_dir=str(work_dir / "tensorboard"), shards=shards,
+            shuffle=t.shuffle and stream is None))  # a stream is read once, in the order it flows
+    finally:
+        if own:
+            group.close()
+    shutil.copytree(final, output_dir)
     if not checkpoint_has_policy(output_dir):
-        raise RuntimeError(f"checkpoint {ckpt.path} has no HF policy weights")
+        raise RuntimeError(f"checkpoint {final} has no HF policy weights")
     shutil.copy(output_dir / METRICS_FILE, metrics_path)
     state = json.loads((output_dir / STATE_FILE).read_text())
     steps = state["optimizer_steps"]

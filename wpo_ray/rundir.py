@@ -106,6 +106,11 @@ class RunLayout:
         return self.round_dir(r) / "train"
 
     @property
+    def trainers_dir(self) -> Path:
+        """Ray Train's state of the run's trainer group (`run.trainers: persistent`), every round's."""
+        return self.path / "trainers"
+
+    @property
     def train_verb_dir(self) -> Path:
         """Where `wpo-ray train --pairs` (outside any round) keeps its state and checkpoint."""
         return self.path / "train"

@@ -38,7 +38,7 @@ def _checkpoint(root: Path, world: int = 2) -> Path:
         engine.save({"w": torch.full((4,), float(rank))}, str(part / "deepspeed" / "ds" / f"zero_rank{rank}.pt"))
         (part / f"pairs-applied-rank{rank:03d}.json").write_text(json.dumps([f"p{rank}"]))
         if rank == 0:
-            (part / "trainer_state.json").write_text(json.dumps({"micro_steps": 2, "optimizer_steps": 1,
+            (part / "trainer_state.json").write_text(json.dumps({"round": 1, "micro_steps": 2, "optimizer_steps": 1,
                                                                  "world_size": world, "final": True}))
             (part / "policy").mkdir()
             (part / "policy" / "config.json").write_text("{}")
@@ -135,14 +135,23 @@ def test_resume_refuses_a_tampered_shard_before_anything_is_unpickled(tmp_path, 
     monkeypatch.setattr(torch, "load", no_unpickling)
     for d, named in ((ckpt, shard), (added, added / "deepspeed" / "ds" / "extra.pt")):
         with pytest.raises(IntegrityError) as e:
-            _restore(Engine(), None, 0, ray.train.Checkpoint.from_directory(str(d)))
+            _restore(Engine(), None, 0, ray.train.Checkpoint.from_directory(str(d)), 1)
         assert str(named) in str(e.value)
 
     # Intact, the same path verifies, then loads through the verified set.
     monkeypatch.undo()
     intact = _checkpoint(tmp_path / "ok")
-    progress = _restore(Engine(), None, 0, ray.train.Checkpoint.from_directory(str(intact)))
-    assert progress.step == 1 and progress.applied == ["p0"]
+    progress = _restore(Engine(), None, 0, ray.train.Checkpoint.from_directory(str(intact)), 1)
+    assert progress.step == 1 and progress.applied == ["p0"] and progress.final
+
+    # A (re)started worker of the trainer group pending round 2 does not resume round 1's state:
+    # it starts round 2 from round 2's starting policy.
+    class NoLoad(Engine):
+        def load_checkpoint(self, path, tag):
+            raise AssertionError("round 1's state loaded into round 2")
+
+    fresh = _restore(NoLoad(), None, 0, ray.train.Checkpoint.from_directory(str(intact)), 2)
+    assert (fresh.step, fresh.micro_done, fresh.applied, fresh.final) == (0, 0, [], False)
 
 
 def test_a_rank_s_files_and_manifest_removed_together_are_noticed(tmp_path):
@@ -154,7 +163,7 @@ def test_a_rank_s_files_and_manifest_removed_together_are_noticed(tmp_path):
     for rel in ("deepspeed/ds/zero_rank1.pt", "pairs-applied-rank001.json", "sha256-rank001.json"):
         (ckpt / rel).unlink()
     with pytest.raises(IntegrityError, match="1 rank manifest"):
-        _restore(object(), None, 0, ray.train.Checkpoint.from_directory(str(ckpt)))
+        _restore(object(), None, 0, ray.train.Checkpoint.from_directory(str(ckpt)), 1)
 
 
 def test_the_wrapper_refuses_to_load_an_unverified_file(tmp_path):

@@ -132,7 +132,7 @@ def test_a_training_worker_reads_the_policy_once(tmp_path, monkeypatch, referenc
         monkeypatch.setattr(cls, "from_pretrained", classmethod(counting))
     cfg = Config.model_validate({"train": {"reference_logps": reference_logps}})
     config = {"policy_path": str(tmp_path / "policy"), "reference_path": str(tmp_path / "policy")}
-    model, tokenizer, ref = load_models(config, cfg)
+    model, tokenizer, ref = load_models(config["policy_path"], config["reference_path"], cfg)
     assert len(calls) == loads, calls
     assert [c for c in calls if c[0] == "AutoModelForCausalLM"].count(("AutoModelForCausalLM", config["policy_path"])) \
         == loads // 2
