@@ -20,7 +20,7 @@ What streaming changes, and why:
   each worker).
 - A failed worker restarts the round's training from its start (`train.checkpoint_every: 0`), and
   the restarted stream samples again with the same per-prompt seeds: the same pairs, state
-  exactly-once. Which worker trains which pair is not fixed, unlike the staged `FixedShards`.
+  exactly-once. Which worker trains which pair is not fixed, unlike the staged fixed shards.
 - A driver that dies mid-round leaves only `stream.tmp/`, deleted on the rerun, which redoes the round.
 """
 

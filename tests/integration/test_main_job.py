@@ -85,9 +85,10 @@ def test_driver_killed_after_sampling_and_mid_training_resumes(tiny_policy, tiny
     assert stamps
 
     arm(tmp_path / "failpoints", "train.micro_step", hit=3, action="hang")
-    snapshot = run_dir / "round-001" / "train" / "ray_train" / "checkpoint_manager_snapshot.json"
+    # The run's trainer group keeps its Ray Train state for every round in one place.
+    snapshot = run_dir / "trainers" / "ray_train" / "checkpoint_manager_snapshot.json"
     run_until(lambda: fired(tmp_path / "failpoints", "train.micro_step") and snapshot.exists()
-              and "checkpoint-000002" in snapshot.read_text(), "the step-2 checkpoint", "second.log")
+              and "round-001-step-000002" in snapshot.read_text(), "the step-2 checkpoint", "second.log")
     assert "round-001/train" not in _manifest(run_dir)
 
     third = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)

@@ -59,36 +59,53 @@ def _weights(policy_dir):
     return load_file(str(Path(policy_dir) / "model.safetensors"))
 
 
-def test_worker_killed_mid_training_resumes_exactly_once(zero2_run, tiny_cfg_factory, tiny_policy, arithmetic_pairs,
-                                                         failpoints, tmp_path):
-    """A training worker is SIGKILLed at micro-batch 9 of 18; Ray Train restores the step-8 checkpoint.
+def _max_diff(a_dir, b_dir, start_dir) -> tuple[float, float]:
+    """(largest weight difference of a and b, largest move of b from start)."""
+    a, b, start = (_weights(d) for d in (a_dir, b_dir, start_dir))
+    assert a.keys() == b.keys()
+    return (max((a[k] - b[k]).abs().max().item() for k in a), max((b[k] - start[k]).abs().max().item() for k in a))
 
-    Exactly-once: the run ends with the same 18 steps, the same pairs applied by each rank, in
-    the same order, and the same weights as the uninterrupted run (zero2_run, same config).
+
+def test_a_trainer_group_trains_round_two_like_a_fresh_trainer_and_resumes_a_killed_worker_exactly_once(
+        zero2_run, tiny_cfg_factory, tiny_policy, arithmetic_pairs, failpoints, tmp_path):
+    """One trainer group, two rounds. Round 1 gives the one-off trainer's weights (zero2_run, same
+    config). In round 2 a worker is SIGKILLed at micro-batch 9 of 18; Ray Train restarts the group,
+    which restores round 2's step-8 checkpoint. Round 2 then ends with the weights, steps, loss
+    curve and pairs, in order, of a fresh one-off trainer started on round 1's policy: the
+    optimizer state and LR schedule restart each round, and the killed round is trained once.
     """
-    from pipeline.training import run_training
+    from pipeline.training import TrainerGroup, run_training
     from wpo_ray.failpoints import arm, fired
 
     _, out0, _ = zero2_run
     cfg = tiny_cfg_factory("train.epochs=3", "train.deepspeed.zero_stage=2", "train.lr=0.002", "train.loss.base=dpo",
                            "train.checkpoint_every=4")
-    arm(failpoints, "train.micro_step", hit=9)  # the first rank to reach micro-batch 9 dies before applying it
-    info = run_training(cfg, arithmetic_pairs, tmp_path / "checkpoint", tiny_policy, tiny_policy, tmp_path)
+    r1, r2 = tmp_path / "round-001", tmp_path / "round-002"
+    group = TrainerGroup(cfg, tmp_path / "trainers")
+    try:
+        run_training(cfg, arithmetic_pairs, r1 / "checkpoint", tiny_policy, tiny_policy, r1, group=group, round_idx=1)
+        arm(failpoints, "train.micro_step", hit=9)  # the first rank to reach round 2's micro-batch 9 dies
+        info = run_training(cfg, arithmetic_pairs, r2 / "checkpoint", str(r1 / "checkpoint" / "policy"), tiny_policy,
+                            r2, group=group, round_idx=2)
+    finally:
+        group.close()
     assert fired(failpoints, "train.micro_step"), "the failpoint never fired: nothing was tested"
-    m = _metrics(tmp_path / "metrics.jsonl")
+    diff, moved = _max_diff(r1 / "checkpoint" / "policy", out0 / "checkpoint" / "policy", tiny_policy)
+    assert moved > 1e-3 and diff <= 1e-6 * moved, (diff, moved)
+
+    fresh = tmp_path / "fresh"
+    run_training(cfg, arithmetic_pairs, fresh / "checkpoint", str(r1 / "checkpoint" / "policy"), tiny_policy, fresh)
+    m, m0 = _metrics(r2 / "metrics.jsonl"), _metrics(fresh / "metrics.jsonl")
     assert info["steps"] == 18 and [x["step"] for x in m] == list(range(1, 19))
-    ledger, ledger0 = _ledger(tmp_path / "checkpoint"), _ledger(out0 / "checkpoint")
+    ledger = _ledger(r2 / "checkpoint")
     assert [len(x) for x in ledger] == [72, 72]  # 18 steps x 4 pairs per rank
     ids = sorted(i for x in ledger for i in x)
     assert ids == sorted(i for i in {*ids} for _ in range(3))  # every pair exactly once per epoch
-    assert ledger == ledger0
-    # The restored optimizer, scheduler and data position give the uninterrupted run's weights.
-    w, w0, start = (_weights(d) for d in (tmp_path / "checkpoint" / "policy", out0 / "checkpoint" / "policy", tiny_policy))
-    assert w.keys() == w0.keys()
-    diff = max((w[k] - w0[k]).abs().max().item() for k in w)
-    moved = max((w0[k] - start[k]).abs().max().item() for k in w)
+    assert ledger == _ledger(fresh / "checkpoint")
+    assert [x["lr"] for x in m] == pytest.approx([x["lr"] for x in m0], rel=1e-12)  # the schedule restarted
+    diff, moved = _max_diff(r2 / "checkpoint" / "policy", fresh / "checkpoint" / "policy", r1 / "checkpoint" / "policy")
     assert moved > 1e-3 and diff <= 1e-6 * moved, (diff, moved)
-    assert [x["loss"] for x in m] == pytest.approx([x["loss"] for x in _metrics(out0 / "metrics.jsonl")], rel=1e-6)
+    assert [x["loss"] for x in m] == pytest.approx([x["loss"] for x in m0], rel=1e-6)
 
 
 def test_one_worker_runs_without_partitioning_or_all_reduce_and_matches_two_zero2_workers(
@@ -224,7 +241,7 @@ def test_nan_weight_is_refused_before_any_worker_starts(ray_session, tiny_cfg_fa
 
 def test_nan_reference_logps_computed_while_the_workers_start_fail_the_run_naming_the_pair(
         ray_session, tiny_cfg_factory, tiny_policy, arithmetic_pairs, tmp_path):
-    """The RefLogp stage runs while Ray Train starts the workers (pipeline.training.PairsInBackground); a
+    """The RefLogp stage runs while Ray Train starts the workers (pipeline.training.run_training); a
     reference model that gives NaN log-probs must end the run with the pairs' own error, not hang
     the workers waiting for their shards, and leave no checkpoint."""
     import shutil
@@ -258,7 +275,7 @@ def test_resume_on_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_shar
     cfg, out0, _ = zero2_run  # its config: the work dir refuses another job's (claim_work_dir)
     work = tmp_path / "work"
     shutil.copytree(out0, work, ignore=shutil.ignore_patterns("checkpoint"))
-    final = next((work / "ray_train").glob("checkpoint-*-final"))
+    final = next((work / "ray_train").glob("round-*-final"))
     shard = sorted(final.rglob("*optim_states.pt"))[-1]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01

@@ -1,0 +1,88 @@
+"""A whole multi-round run: one trainer group for every round (`run.trainers=persistent`) vs a
+group started and stopped in each round (`run.trainers=per_round`, what the job did before).
+
+The tiny default (`configs/tiny-cpu.yaml`: 3 rounds of 512 prompts) on an embedded Ray with the
+bootstrapped tiny policy, run by `pipeline.round.run_rounds` exactly as `wpo-ray run` runs it, in
+a fresh run directory per variant. One sampler engine serves both variants (started before
+either is timed), so the comparison is the trainers' alone. The trainers restart their optimizer
+and schedule every round in both, so both should record the same pairs in every round (printed).
+
+    .venv/bin/python bench/rounds.py [key=value ...]
+
+Prints each variant's wall time, the ratio persistent / per_round, and per round the seconds
+outside sampling and optimizer steps (start-up, reference log-probs, grading, pairing,
+checkpoints, evaluation) as a share of the round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, header
+
+
+def round_breakdown(run_dir: Path, r: int) -> dict:
+    """Round r's seconds from the manifest and the step metrics: the whole round, sampling, optimizer steps."""
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    mine = {k.split("/")[1]: v for k, v in stages.items() if k.startswith(f"round-{r:03d}/")}
+    metrics = run_dir / f"round-{r:03d}" / "train" / "metrics.jsonl"
+    steps = sum(json.loads(x)["step_seconds"] for x in metrics.read_text().splitlines() if x.strip())
+    total = sum(v.get("seconds", 0.0) for v in mine.values())
+    return {"round": total, "train": mine["train"]["seconds"], "sampling": mine["samples"]["seconds"],
+            "steps": steps, "other_share": (total - mine["samples"]["seconds"] - steps) / total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides")
+    args = ap.parse_args()
+
+    import pyarrow.parquet as pq
+
+    from actors.sampler import SamplerPool
+    from pipeline.round import run_rounds
+    from wpo_ray.bootstrap import resolve_policy
+    from wpo_ray.cluster import init_ray
+    from wpo_ray.config import load_config
+    from wpo_ray.rundir import RunDir
+
+    base = ["ray.address=local", *args.overrides]
+    header("multi-round run: persistent trainer group vs per-round trainers", {"overrides": " ".join(base)})
+    cfg0 = load_config(ROOT / "configs" / "tiny-cpu.yaml", base)
+    policy = resolve_policy(cfg0)
+    init_ray(cfg0.ray)
+    pool = SamplerPool(cfg0, policy)
+    walls, rounds = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("per_round", "persistent"):
+            d = Path(tmp) / mode
+            cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [*base, f"run.trainers={mode}", f"run.dir={d}"])
+            t0 = time.perf_counter()
+            run_rounds(cfg, RunDir(cfg), pool=pool)
+            walls[mode] = time.perf_counter() - t0
+            rounds[mode] = [round_breakdown(d, r) for r in range(1, cfg.run.rounds + 1)]
+            pool.load_weights(policy)  # the next variant starts from the same engine state
+        same = [pq.read_table(Path(tmp) / "per_round" / f"round-{r:03d}" / "pairs").equals(
+                pq.read_table(Path(tmp) / "persistent" / f"round-{r:03d}" / "pairs")) for r in range(1, cfg0.run.rounds + 1)]
+    pool.shutdown()
+
+    print(f"\n{'round':>5} {'variant':>10} {'round s':>8} {'train s':>8} {'sampling s':>10} {'steps s':>8} "
+          f"{'other share':>11}")
+    for mode in ("per_round", "persistent"):
+        for r, x in enumerate(rounds[mode], 1):
+            print(f"{r:>5} {mode:>10} {x['round']:>8.1f} {x['train']:>8.1f} {x['sampling']:>10.1f} {x['steps']:>8.1f} "
+                  f"{x['other_share']:>11.2f}")
+    print(f"\nwall: per_round {walls['per_round']:.1f}s, persistent {walls['persistent']:.1f}s, "
+          f"persistent / per_round = {walls['persistent'] / walls['per_round']:.2f}x")
+    print("same pairs in both variants, round by round:", same)
+    train = {m: sum(x["train"] for x in rounds[m]) for m in rounds}
+    print(f"training stages: per_round {train['per_round']:.1f}s, persistent {train['persistent']:.1f}s, "
+          f"persistent / per_round = {train['persistent'] / train['per_round']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
