@@ -1,10 +1,19 @@
-"""RefLogpActor: the reference model in a Ray Data actor pool; adds ref_chosen_logp / ref_rejected_logp.
+"""The reference model: actors that add ref_chosen_logp / ref_rejected_logp to pairs.
 
 Precomputing reference log-probs here keeps the trainer holding the policy only. The forward is
 the training step's own (`wpo_ray.step`), so reference and policy log-probs are computed alike.
+
+`ReferencePool` hosts `RefLogpActor`s for as long as its owner keeps it (the run's trainer group:
+every round), so the reference model is loaded once, and again only when the round's reference
+changes (`run.reference: previous`). `RefLogpBatch` is the Ray Data stage: a thin proxy that
+sends each Arrow batch of pairs to one of the pool's actors.
 """
 
 from __future__ import annotations
+
+import logging
+import random
+import time
 
 import pyarrow as pa
 import torch
@@ -15,6 +24,8 @@ from wpo_ray.integrity import verify_policy_dir
 from wpo_ray.logs import setup_worker_logging
 from wpo_ray.step import encode_batch, model_device, reference_logps
 
+log = logging.getLogger(__name__)
+
 
 class RefLogpActor:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
@@ -22,11 +33,25 @@ class RefLogpActor:
         torch.set_num_threads(threads)  # the CPUs the actor reserved (train.reference.num_cpus_per_actor)
         setup_worker_logging()
         log_placement("ref-logp")
-        verify_policy_dir(model_path)
         # On a GPU actor Ray sets CUDA_VISIBLE_DEVICES to its GPU: that is cuda:0 here.
-        device = "cuda" if use_gpu else "cpu"
-        self.model, self.tokenizer = load_hf_policy(model_path, dtype, trust_remote_code, device=device)
+        self.dtype, self.trust_remote_code, self.device = dtype, trust_remote_code, "cuda" if use_gpu else "cpu"
         self.max_length, self.micro = max_length, micro_batch_size
+        self._load(model_path)
+
+    def _load(self, model_path: str) -> None:
+        verify_policy_dir(model_path)
+        self.model, self.tokenizer = load_hf_policy(model_path, self.dtype, self.trust_remote_code, device=self.device)
+        self.model_path = model_path
+
+    def ready(self) -> bool:
+        return True
+
+    def logps(self, batch: pa.Table, model_path: str) -> pa.Table:
+        """The batch with reference log-probs under `model_path` (loaded first if it is not the
+        model held: a new reference, or an actor Ray restarted with the model it was created with)."""
+        if model_path != self.model_path:
+            self._load(model_path)
+        return self(batch)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = batch.select(["prompt_id", "prompt", "chosen", "rejected"]).to_pydict()
@@ -44,3 +69,53 @@ class RefLogpActor:
                 batch = batch.drop_columns([name])
         batch = batch.append_column("ref_chosen_logp", pa.array(chosen, pa.float64()))
         return batch.append_column("ref_rejected_logp", pa.array(rejected, pa.float64()))
+
+
+class RefLogpBatch:
+    """Ray Data stage: forwards each batch of pairs to one of the pool's actors (round robin from a
+    random start). The stage's actors are proxies that reserve nothing; the pool holds the resources."""
+
+    def __init__(self, actors: list, model_path: str):
+        self.actors, self.model_path, self.next = actors, model_path, random.randrange(len(actors))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import ray
+
+        actor = self.actors[self.next % len(self.actors)]
+        self.next += 1
+        return ray.get(actor.logps.remote(batch, self.model_path))
+
+
+class ReferencePool:
+    """`train.reference.num_actors` RefLogpActors, started on `model_path` and kept until `shutdown`.
+    A restarted actor (Ray restarts it once) reloads the reference each call names."""
+
+    def __init__(self, cfg, model_path: str):
+        import ray
+
+        from wpo_ray.train_plan import train_max_length
+
+        ref = cfg.train.reference
+        remote = ray.remote(num_cpus=ref.num_cpus_per_actor, num_gpus=ref.num_gpus_per_actor,
+                            max_restarts=1, max_task_retries=1)(RefLogpActor)
+        self.actors = [remote.remote(model_path, cfg.model.dtype, cfg.model.trust_remote_code, train_max_length(cfg),
+                                     ref.micro_batch_size, max(1, int(ref.num_cpus_per_actor)), ref.num_gpus_per_actor > 0)
+                       for _ in range(ref.num_actors)]
+        self.batch_size = ref.batch_size
+        self.t_start = time.time()
+
+    def stage(self, ds, model_path: str, streamed: bool):
+        """`ds` with the reference log-probs under `model_path` added, as a lazy Ray Data stage."""
+        return ds.map_batches(
+            RefLogpBatch, fn_constructor_kwargs=dict(actors=self.actors, model_path=model_path),
+            # Streamed: each upstream block (one sampling batch's pairs) as it comes. A fixed batch
+            # size makes Ray Data hold pairs back until that many have arrived, and a round of few
+            # pairs per sampling batch then reached the workers only when sampling had ended.
+            batch_size=None if streamed else self.batch_size, batch_format="pyarrow", concurrency=len(self.actors),
+            num_cpus=0)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)

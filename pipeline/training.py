@@ -34,7 +34,7 @@ from wpo_ray.colocation import trainer_resources
 from wpo_ray.config import Config
 from wpo_ray.contracts import pairs_files
 from wpo_ray.rundir import METRICS_FILE, STATE_FILE, RunDirError, atomic_write_text, checkpoint_has_policy
-from wpo_ray.train_plan import expected_total_steps, train_max_length, zero_stage
+from wpo_ray.train_plan import expected_total_steps, zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class TrainerGroup:
         t = cfg.train
         self.storage = Path(storage).absolute() / "ray_train"
         self.feed = RoundFeed.remote(t.num_workers)
+        self.reference = None  # the RefLogp pool (actors/ref_logp.py), once a round needs it
         self.error: Optional[BaseException] = None
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -162,6 +163,8 @@ class TrainerGroup:
     def close(self, timeout_s: float = 120.0) -> None:
         """Stop the workers once they are idle (a worker mid-round finishes it first)."""
         self.feed.stop.remote()
+        if self.reference is not None:
+            self.reference.shutdown()
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.warning("[train] the trainer group did not stop within %.0fs; leaving it to Ray's shutdown", timeout_s)
@@ -310,7 +313,7 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
     (pipeline/streaming.py): the pairs are split among the workers as they flow, never materialised, and
     the schedule is sized for the upper bound; training ends when the stream does.
     """
-    from actors.ref_logp import RefLogpActor
+    from actors.ref_logp import ReferencePool
     from actors.train_worker import Round
 
     t = cfg.train
@@ -322,27 +325,6 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
         (ds, n_pairs), has_ref = stream, False
     total = expected_total_steps(n_pairs, cfg)
     ref_stage = t.loss.needs_reference and t.reference_logps == "precomputed" and not has_ref
-    if ref_stage:
-        ref = t.reference
-        ds = ds.map_batches(RefLogpActor, fn_constructor_kwargs=dict(
-            model_path=reference_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-            max_length=train_max_length(cfg), micro_batch_size=ref.micro_batch_size,
-            threads=max(1, int(ref.num_cpus_per_actor)), use_gpu=ref.num_gpus_per_actor > 0),
-            # Streamed: each upstream block (one sampling batch's pairs) as it comes. A fixed batch
-            # size makes Ray Data hold pairs back until that many have arrived, and a round of few
-            # pairs per sampling batch then reached the workers only when sampling had ended.
-            batch_size=None if stream else ref.batch_size, batch_format="pyarrow", concurrency=ref.num_actors,
-            num_cpus=ref.num_cpus_per_actor, num_gpus=ref.num_gpus_per_actor)
-        log.info("[train] reference log-probs precomputed by %d RefLogp actor(s) (%s)", ref.num_actors, reference_path)
-    elif t.loss.needs_reference and t.reference_logps == "worker":
-        log.info("[train] reference model on each worker (%s)", reference_path)
-    stage = zero_stage(cfg)
-    log.info(f"[train] {'up to ' if stream else ''}{n_pairs} pairs -> {'at most ' if stream else ''}{total} optimizer "
-        f"steps on {t.num_workers} {'running ' if group else ''}DeepSpeed ZeRO-{stage} worker(s), loss {t.loss.base} "
-        f"(beta {t.loss.beta}, weight placement {t.loss.weight_placement})"
-        + (f"; ZeRO-0 instead of the configured {t.deepspeed.zero_stage}: one worker has nothing to partition"
-           if stage != t.deepspeed.zero_stage else ""))
-    t0 = time.time()
     own = group is None
     if own and stream is None:
         claim_work_dir(work_dir, cfg, policy_path, reference_path, pairs_files(Path(pairs_source))[0])
@@ -354,8 +336,31 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
     work_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = work_dir / METRICS_FILE
     metrics_path.unlink(missing_ok=True)
+    running = group is not None and group.reference is not None
+    reference_pool = None
+    if ref_stage:  # the pool's actors start now (loading the reference) and serve the lazy stage below
+        reference_pool = group.reference if running else ReferencePool(cfg, reference_path)
+        ds = reference_pool.stage(ds, reference_path, streamed=stream is not None)
+        log.info("[train] reference log-probs precomputed by %d %sRefLogp actor(s) (%s)", t.reference.num_actors,
+                 "running " if running else "", reference_path)
+    elif t.loss.needs_reference and t.reference_logps == "worker":
+        log.info("[train] reference model on each worker (%s)", reference_path)
+    stage = zero_stage(cfg)
+    log.info(f"[train] {'up to ' if stream else ''}{n_pairs} pairs -> {'at most ' if stream else ''}{total} optimizer "
+        f"steps on {t.num_workers} {'running ' if group else ''}DeepSpeed ZeRO-{stage} worker(s), loss {t.loss.base} "
+        f"(beta {t.loss.beta}, weight placement {t.loss.weight_placement})"
+        + (f"; ZeRO-0 instead of the configured {t.deepspeed.zero_stage}: one worker has nothing to partition"
+           if stage != t.deepspeed.zero_stage else ""))
+    t0 = time.time()
     if own:  # its workers start (load the policy, build their engines) while the pairs are prepared
-        group = TrainerGroup(cfg, work_dir, stream=ds if stream is not None else None)
+        try:
+            group = TrainerGroup(cfg, work_dir, stream=ds if stream is not None else None)
+        except BaseException:
+            if reference_pool is not None:
+                reference_pool.shutdown()
+            raise
+    if reference_pool is not None:
+        group.reference = reference_pool  # kept (and stopped) with the group
     try:
         shards = None
         if stream is None:

@@ -36,22 +36,29 @@ def test_a_worker_failing_on_every_attempt_stops_the_round_and_a_rerun_trains_cl
     """Killed at its first micro-batch on every (re)start: after train.max_failures restarts the
     round's training raises, nothing is recorded or put in place, and once the fault is gone the
     same command trains the round from the start."""
-    from pipeline.round import LazySamplers, train_round
+    from pipeline.round import LazySamplers, LazyTrainers, train_round
     from wpo_ray.rundir import RunDir, checkpoint_has_policy
+
+    def train(run) -> None:  # as run_rounds does it: the run's trainer group
+        trainers = LazyTrainers(cfg, run)
+        try:
+            train_round(cfg, run, 1, tiny_policy, tiny_policy, LazySamplers(cfg), trainers)
+        finally:
+            trainers.close()
 
     # The reference on the workers: no RefLogp stage to start for each of the three trainings.
     cfg = tiny_cfg_factory("run.rounds=1", "train.max_failures=1", "train.reference_logps=worker")
     run = _pairs_recorded(cfg, arithmetic_pairs)
     armed = arm(failpoints, "train.micro_step", hit=1, action="kill", every=True)
     with pytest.raises(Exception) as e:
-        train_round(cfg, run, 1, tiny_policy, tiny_policy, LazySamplers(cfg))
+        train(run)
     assert fired(failpoints, "train.micro_step"), e.value
     assert run.done(1, "train") is None and not run.output(1, "checkpoint").exists()
 
     armed.unlink()  # the fault is gone; the user reruns the same command
     rerun = RunDir(cfg)
     assert not (rerun.round_dir(1) / "checkpoint.tmp").exists()
-    train_round(cfg, rerun, 1, tiny_policy, tiny_policy, LazySamplers(cfg))
+    train(rerun)
     info = rerun.done(1, "train")
     assert info["steps"] == 6 and checkpoint_has_policy(rerun.output(1, "checkpoint"))  # 48 pairs / (2 x 4)
     assert [w["rank"] for w in info["placement"]["train_workers"]] == [0, 1]

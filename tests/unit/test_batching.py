@@ -113,6 +113,31 @@ def test_precomputed_reference_logps_equal_worker_computation(tok_model, tmp_pat
         assert row["ref_rejected_logp"] == pytest.approx(want_r, abs=1e-5)
 
 
+def test_a_kept_reference_actor_takes_the_reference_each_call_names(tok_model, tmp_path):
+    """The run's RefLogp actor, asked for another reference (run.reference=previous, or after Ray
+    restarted it with its first model), gives that model's log-probs, not the one it held."""
+    from actors.ref_logp import RefLogpActor
+    from wpo_ray.tiny_model import save_policy
+
+    import copy
+
+    tok, shared = tok_model
+    model = copy.deepcopy(shared).float()  # the module's model stays as it is
+    save_policy(model, tok, tmp_path / "a")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    save_policy(model, tok, tmp_path / "b")
+    table = pa.table({"prompt_id": ["p0", "p1"], "prompt": ["1+1=", "12*3="], "chosen": ["2", "36"],
+                      "rejected": ["3", "306"]})
+    actor = RefLogpActor(str(tmp_path / "a"))
+    from_a = actor.logps(table, str(tmp_path / "a")).column("ref_chosen_logp").to_pylist()
+    from_b = actor.logps(table, str(tmp_path / "b")).column("ref_chosen_logp").to_pylist()
+    assert actor.model_path == str(tmp_path / "b")
+    assert from_b == RefLogpActor(str(tmp_path / "b"))(table).column("ref_chosen_logp").to_pylist()
+    assert from_a != from_b
+
+
 @pytest.mark.parametrize("placement", ["margin", "loss"])
 def test_one_pairs_weight_scales_its_gradient_as_the_formula_says(tok_model, placement):
     """d loss / d θ through the real model: only the re-weighted pair's contribution changes, by
