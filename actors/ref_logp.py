@@ -11,9 +11,7 @@ sends each Arrow batch of pairs to one of the pool's actors.
 
 from __future__ import annotations
 
-import logging
 import random
-import time
 
 import pyarrow as pa
 import torch
@@ -23,8 +21,6 @@ from wpo_ray.generation import load_hf_policy
 from wpo_ray.integrity import verify_policy_dir
 from wpo_ray.logs import setup_worker_logging
 from wpo_ray.step import encode_batch, model_device, reference_logps
-
-log = logging.getLogger(__name__)
 
 
 class RefLogpActor:
@@ -102,7 +98,6 @@ class ReferencePool:
                                      ref.micro_batch_size, max(1, int(ref.num_cpus_per_actor)), ref.num_gpus_per_actor > 0)
                        for _ in range(ref.num_actors)]
         self.batch_size = ref.batch_size
-        self.t_start = time.time()
 
     def stage(self, ds, model_path: str, streamed: bool):
         """`ds` with the reference log-probs under `model_path` added, as a lazy Ray Data stage."""
