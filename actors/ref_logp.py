@@ -39,9 +39,6 @@ class RefLogpActor:
         self.model, self.tokenizer = load_hf_policy(model_path, self.dtype, self.trust_remote_code, device=self.device)
         self.model_path = model_path
 
-    def ready(self) -> bool:
-        return True
-
     def logps(self, batch: pa.Table, model_path: str) -> pa.Table:
         """The batch with reference log-probs under `model_path` (loaded first if it is not the
         model held: a new reference, or an actor Ray restarted with the model it was created with)."""

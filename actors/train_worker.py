@@ -137,9 +137,10 @@ def _restore(engine, margins_fn, rank: int, ckpt, round_idx: int) -> Progress:
     return progress
 
 
-def checkpoint_name(round_idx: int, step: int, final: bool) -> str:
-    """The directory Ray Train keeps a checkpoint in (the driver copies the final one)."""
-    return f"round-{round_idx:03d}-step-{step:06d}" if not final else f"round-{round_idx:03d}-final"
+def checkpoint_name(round_idx: int, step: int | None = None) -> str:
+    """The directory Ray Train keeps a checkpoint in: a mid-round one at `step`, else the round's
+    final one (the one the driver copies)."""
+    return f"round-{round_idx:03d}-final" if step is None else f"round-{round_idx:03d}-step-{step:06d}"
 
 
 def _report_checkpoint(engine, tokenizer, cfg: Config, rnd: Round, progress: Progress, margins_fn, rank: int,
@@ -164,7 +165,7 @@ def _report_checkpoint(engine, tokenizer, cfg: Config, rnd: Round, progress: Pro
         write_manifest(d, rank, engine.checkpoint_engine.written)  # last: it vouches for the rest
         ray.train.report({"round": rnd.index, "step": progress.step, "final": final},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=checkpoint_name(rnd.index, progress.step, final))
+                         checkpoint_dir_name=checkpoint_name(rnd.index, None if final else progress.step))
 
 
 class StepLog:

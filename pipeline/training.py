@@ -158,7 +158,7 @@ class TrainerGroup:
         while not ray.wait([finished], timeout=1.0)[0]:
             if not self._thread.is_alive():
                 raise self.error or RuntimeError("the trainer group stopped before the round was trained")
-        return self.storage / checkpoint_name(rnd.index, 0, final=True)
+        return self.storage / checkpoint_name(rnd.index)
 
     def close(self, timeout_s: float = 120.0) -> None:
         """Stop the workers once they are idle (a worker mid-round finishes it first)."""
