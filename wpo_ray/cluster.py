@@ -69,6 +69,10 @@ def data_context():
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    # Ray 2.60's DataSourceV2 Parquet reader starts a pool of footer-reading actors on every
+    # `read_parquet`: ~5 s per read for files of a few KB, i.e. per stage and per round. The V1
+    # reader reads the same files in the same order in ~0.2 s (docs/ENVIRONMENT.md).
+    ctx.use_datasource_v2 = False
     # Progress bars and per-execution dumps are Ray's chatter: run.log, or the console with ray.verbose.
     # A live bar on a terminal (it redraws in place); none in a log or CI, where each redraw is a line.
     ctx.enable_progress_bars = is_verbose() or sys.stderr.isatty()
