@@ -87,12 +87,53 @@ class SamplerEngine:
             })
         return contracts.from_rows(out, "samples")
 
-    def load_weights(self, path: str) -> tuple[str, float]:
+    def load_weights(self, path: str, weights: list | None = None) -> tuple[str, float]:
+        """The policy at `path`, taken from `weights` ([an object ref of its packed state dict,
+        wpo_ray/weights.py], wrapped so
+        that Ray does not resolve it before this call can time it out) when given, else read
+        from the checkpoint. A hand-over that fails or times out reads the checkpoint instead."""
+        import ray
+
         t0 = time.time()
-        verify_policy_dir(path)  # a round's checkpoint: every file checked before the engine reads it
-        mode = self.sampler.load_weights(path)
+        mode = None
+        if weights is not None:
+            try:
+                from wpo_ray.weights import unpack_state
+
+                state = unpack_state(ray.get(weights[0], timeout=self.cfg.handover_timeout_s))
+                mode = self.sampler.load_state(checkpoint_tensors(state, path))
+            except Exception as e:  # noqa: BLE001 - lost object, timeout, engine refusal: the checkpoint has it
+                log.warning("[sampler] in-memory hand-over of %s failed (%s: %s); loading the checkpoint", path,
+                            type(e).__name__, e)
+        if mode is None:
+            verify_policy_dir(path)  # a round's checkpoint: every file checked before the engine reads it
+            mode = self.sampler.load_weights(path)
         self.policy = path
         return mode, time.time() - t0
+
+
+def checkpoint_tensors(state: dict, path: str) -> dict:
+    """The tensors of `state` that the checkpoint at `path` holds, checked against its safetensors
+    headers (names and shapes; no tensor data is read): exactly what a load from the checkpoint
+    would give the engine (a tied lm_head, which HF does not save, is left out). A tensor missing
+    or of another shape raises before anything reaches the engine: a load refused halfway can
+    leave vLLM's in-place reload unusable."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            shapes.update({k: list(st.get_slice(k).get_shape()) for k in st.keys()})
+    if not shapes:
+        raise ValueError(f"{path}: no safetensors to check the handed-over weights against")
+    wrong = [k for k in shapes if k not in state or list(state[k].shape) != shapes[k]]
+    if wrong:
+        k = wrong[0]
+        got = "missing" if k not in state else f"shape {list(state[k].shape)}"
+        raise ValueError(f"{len(wrong)} tensor(s) differ from {path}, e.g. {k}: {got}, the checkpoint has {shapes[k]}")
+    return {k: state[k] for k in shapes}
 
 
 def call_with_failover(engines: list, start: int, call, what: str, timeout_s: float):
@@ -184,14 +225,16 @@ class SamplerPool:
         ray.get([e.wake_up.remote(tags) for e in self.engines])
         log.info("[samplers] engines woke %s in %.2fs", "+".join(tags), time.time() - t0)
 
-    def load_weights(self, path: str) -> list[str]:
+    def load_weights(self, path: str, weights=None) -> list[str]:
+        """Every engine takes the policy at `path`; `weights`: an object ref of the same weights in
+        memory (a trainer group's hand-over), which the engines load instead of the files."""
         import ray
 
         if path == self.model_path:
             return []
         from ray.exceptions import RayActorError
 
-        refs = [e.load_weights.remote(path) for e in self.engines]
+        refs = [e.load_weights.remote(path, None if weights is None else [weights]) for e in self.engines]
         res = []
         for i, ref in enumerate(refs):
             try:
@@ -202,7 +245,12 @@ class SamplerPool:
                 res.append(("deferred", 0.0))
         self.model_path = path
         modes = [m for m, _ in res]
-        how = "in place (no engine restart)" if set(modes) == {"in_place"} else "by reloading the engine"
+        missed = [i for i, m in enumerate(modes) if m not in ("in_memory", "deferred")]
+        if weights is not None and missed:
+            log.warning("[samplers] the in-memory hand-over failed on engine(s) %s (their log says why); they "
+                        "loaded %s from the checkpoint instead", missed, path)
+        how = {"in_memory": "from the trainers' memory", "in_place": "in place from the checkpoint"}.get(
+            modes[0] if len(set(modes)) == 1 else "", "by reloading the engine")
         log.info("[samplers] new policy %s loaded %s in %.2fs: %s", path, how, max(t for _, t in res), modes)
         return modes
 

@@ -31,6 +31,7 @@ from wpo_ray.losses import GammaPOMargins, dist_gather_fn
 from wpo_ray.rundir import DS_DIR, METRICS_FILE, POLICY_DIR, STATE_FILE, gamma_po_file, ledger_file
 from wpo_ray.step import encode_batch, model_device, pair_loss
 from wpo_ray.train_plan import deepspeed_config, lr_scheduler, train_max_length, zero_stage
+from wpo_ray.weights import pack_state
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,27 @@ def _gather_placement(world: int) -> list[dict]:
     return every
 
 
-def _save_hf(engine, tokenizer, path: Path, rank: int, stage: int) -> None:
+def _save_hf(engine, tokenizer, path: Path, rank: int, stage: int, hand_over: bool):
+    """Rank 0 writes the HF policy; with `hand_over` it also puts the same weights in Ray's
+    object store (host memory) for the engines, and returns that object ref."""
+    import ray
+
     # ZeRO-3 partitions parameters: gather them (a collective every rank joins) before rank 0 writes.
     state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
-    if rank == 0:
-        module = engine.module
-        module.save_pretrained(path, state_dict=state if stage == 3 else module.state_dict(), safe_serialization=True)
-        tokenizer.save_pretrained(path)
+    if rank != 0:
+        return None
+    module = engine.module
+    state = state if stage == 3 else module.state_dict()
+    module.save_pretrained(path, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    if not hand_over:
+        return None
+    try:  # ray.put copies the bytes into the object store now: the next round may train these tensors in place
+        return ray.put(pack_state(state))
+    except Exception as e:  # noqa: BLE001 - e.g. an object store too small: the engines read the checkpoint
+        log.warning("[train] the weights could not be put in the object store (%s: %s); the engines will load "
+                    "the checkpoint", type(e).__name__, e)
+        return None
 
 
 @dataclass
@@ -103,6 +118,7 @@ class Round:
     tensorboard_dir: str | None = None
     shards: list | None = None  # one fixed shard per rank; None: Ray Train's "train" dataset (a stream)
     shuffle: bool = False
+    hand_over: bool = False  # rank 0 puts the final weights in the object store (sampling.weight_handover)
 
 
 def _restore(engine, margins_fn, rank: int, ckpt, round_idx: int) -> Progress:
@@ -144,15 +160,18 @@ def checkpoint_name(round_idx: int, step: int | None = None) -> str:
 
 
 def _report_checkpoint(engine, tokenizer, cfg: Config, rnd: Round, progress: Progress, margins_fn, rank: int,
-                       world: int, placement: list[dict], final: bool) -> None:
+                       world: int, placement: list[dict], final: bool):
+    """Report a checkpoint to Ray Train; the final one also holds the HF policy, and returns (on
+    rank 0, when the round hands its weights over in memory) the object ref of those weights."""
     import ray.train
 
+    weights = None
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         engine.checkpoint_engine.written.clear()
         engine.save_checkpoint(str(d / DS_DIR), tag="ds")
         if final:
-            _save_hf(engine, tokenizer, d / POLICY_DIR, rank, zero_stage(cfg))
+            weights = _save_hf(engine, tokenizer, d / POLICY_DIR, rank, zero_stage(cfg), rnd.hand_over)
         (d / ledger_file(rank)).write_text(json.dumps(progress.applied))
         if margins_fn is not None:
             (d / gamma_po_file(rank)).write_text(json.dumps(margins_fn.state_dict()["queue"].tolist()))
@@ -166,6 +185,7 @@ def _report_checkpoint(engine, tokenizer, cfg: Config, rnd: Round, progress: Pro
         ray.train.report({"round": rnd.index, "step": progress.step, "final": final},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=checkpoint_name(rnd.index, None if final else progress.step))
+    return weights
 
 
 class StepLog:
@@ -306,23 +326,25 @@ def train_loop_per_worker(config: dict) -> None:
             restart_optimizer(engine, cfg, rnd.total_steps)
             if ref_model is not None and rnd.reference_path != reference:  # run.reference=previous
                 ref_model, reference = load_reference(rnd.reference_path, cfg, device), rnd.reference_path
-        train_round(engine, tokenizer, ref_model, cfg, rnd, ckpt, rank, world, placement, device)
+        weights = train_round(engine, tokenizer, ref_model, cfg, rnd, ckpt, rank, world, placement, device)
         ckpt, first = None, False  # only a (re)start resumes from a checkpoint
-        ray.get(feed.round_done.remote(rnd.index, rank))
+        # Wrapped in a list: the feed keeps the reference (this worker stays its owner) instead of the tensors.
+        ray.get(feed.round_done.remote(rnd.index, rank, None if weights is None else [weights]))
         rnd = ray.get(feed.next_round.remote(rnd.index))
 
 
 def train_round(engine, tokenizer, ref_model, cfg: Config, rnd: Round, ckpt, rank: int, world: int,
-                placement: list[dict], device) -> None:
-    """Train one round on this rank's shard and report its final checkpoint (HF policy included)."""
+                placement: list[dict], device):
+    """Train one round on this rank's shard and report its final checkpoint (HF policy included);
+    returns the object ref of the final weights on rank 0 of a round that hands them over, else None."""
     import ray.train
 
     t, loss_cfg = cfg.train, cfg.train.loss
     margins_fn = (GammaPOMargins(loss_cfg.gamma_po, loss_cfg.beta, gather_fn=dist_gather_fn())
                   if loss_cfg.gamma_po.enabled else None)
     progress = _restore(engine, margins_fn, rank, ckpt, rnd.index)
-    if progress.final:
-        return
+    if progress.final:  # trained before a restart: its weights went with the old worker; the checkpoint has them
+        return None
     total_steps = rnd.total_steps
     steps = StepLog(rnd, rank, progress)
     shard = rnd.shards[rank] if rnd.shards is not None else ray.train.get_dataset_shard("train")
@@ -376,4 +398,4 @@ def train_round(engine, tokenizer, ref_model, cfg: Config, rnd: Round, ckpt, ran
                 done = True
                 break
     steps.close()
-    _report_checkpoint(engine, tokenizer, cfg, rnd, progress, margins_fn, rank, world, placement, final=True)
+    return _report_checkpoint(engine, tokenizer, cfg, rnd, progress, margins_fn, rank, world, placement, final=True)

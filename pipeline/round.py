@@ -3,7 +3,8 @@
     round 0:  evaluate the initial policy
     round r:  prompts → samples (vLLM engines) → graded (grader actors) → pairs + skips (weights)
               → reference log-probs (RefLogp actors) → DeepSpeed workers → checkpoint → evaluate;
-              the engines take the new policy in place for round r + 1
+              the engines take the new policy in place for round r + 1, from the trainers' memory
+              (sampling.weight_handover=memory) or the checkpoint
 
 Every stage goes through the run directory's stage protocol (`RunDir.stage`): a finished stage is
 recorded in the manifest and never recomputed, so rerunning the same command resumes at the first
@@ -37,8 +38,14 @@ class LazySamplers:
     def __init__(self, cfg: Config, pool=None):
         self.cfg, self.pool, self.owned = cfg, pool, pool is None
         self.placement, self.asleep = cfg.run.placement, False
+        self.offered = None  # (policy path, object ref of its weights): the trainer group's hand-over
         if pool is not None:
             self._resolve_placement()
+
+    def offer(self, policy: str, weights) -> None:
+        """The trainers hold `policy`'s weights in memory (`weights`, an object ref): the engines'
+        next use of that policy loads them from there instead of from the checkpoint."""
+        self.offered = (policy, weights) if weights is not None else None
 
     def __call__(self, policy: str):
         if self.pool is None:
@@ -49,6 +56,9 @@ class LazySamplers:
         if self.asleep:  # a sleeping engine takes the new policy between its weights and its KV cache
             self._do(colocation.on_next_use(True, self.pool.model_path, policy), policy)
             self.asleep = False
+        if self.offered is not None and self.offered[0] == policy:
+            self.pool.load_weights(policy, weights=self.offered[1])
+        self.offered = None
         return self.pool
 
     def before_training(self) -> None:
@@ -116,8 +126,12 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
         if not run.done(r, "pairs"):  # (a resumed round starts no engine it does not need)
             run_sampling(cfg, run, r, policy, pool=samplers(policy))
         samplers.before_training()  # colocated: the engines give the trainers their GPUs
-        return run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference, run.train_dir(r),
-                            group=trainers(samplers.placement), round_idx=r)
+        group = trainers(samplers.placement)
+        info = run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference, run.train_dir(r),
+                            group=group, round_idx=r)
+        if group is not None:  # the engines take the new policy from the trainers' memory, not this checkpoint
+            samplers.offer(str(run.policy_dir(r)), group.weights(r))
+        return info
 
     run.stage(r, "train", produce, outputs=("checkpoint",))
 

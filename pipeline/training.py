@@ -77,11 +77,13 @@ class RoundFeed:
 
     def __init__(self, world: int):
         self.world, self.round, self.finished, self.stopped = world, None, set(), False
+        self.weights = None  # (round index, [object ref]) of the last round whose rank 0 handed its weights over
         self.changed = asyncio.Condition()
 
     async def put(self, rnd) -> None:
         async with self.changed:
             self.round, self.finished = rnd, set()
+            self.weights = None  # the engines have had them (or read the checkpoint): free the object store
             self.changed.notify_all()
 
     async def stop(self) -> None:
@@ -95,11 +97,17 @@ class RoundFeed:
             await self.changed.wait_for(lambda: self.stopped or (self.round is not None and self.round.index > after))
             return None if self.stopped else self.round
 
-    async def round_done(self, index: int, rank: int) -> None:
+    async def round_done(self, index: int, rank: int, weights: list | None = None) -> None:
         async with self.changed:
             if self.round is not None and self.round.index == index:
                 self.finished.add(rank)
+                if weights is not None:
+                    self.weights = (index, weights)
                 self.changed.notify_all()
+
+    async def handed_over(self, index: int) -> list | None:
+        """[object ref of round `index`'s final weights], or None (not handed over: the checkpoint has them)."""
+        return self.weights[1] if self.weights is not None and self.weights[0] == index else None
 
     async def wait_done(self, index: int) -> None:
         async with self.changed:
@@ -159,6 +167,12 @@ class TrainerGroup:
             if not self._thread.is_alive():
                 raise self.error or RuntimeError("the trainer group stopped before the round was trained")
         return self.storage / checkpoint_name(rnd.index)
+
+    def weights(self, index: int):
+        """The object ref of round `index`'s final weights in Ray's object store (owned by trainer
+        rank 0, kept until the next round starts), or None when the round did not hand them over."""
+        held = ray.get(self.feed.handed_over.remote(index))
+        return None if held is None else held[0]
 
     def close(self, timeout_s: float = 120.0) -> None:
         """Stop the workers once they are idle (a worker mid-round finishes it first)."""
@@ -373,7 +387,9 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
         final = group.train(Round(
             index=round_idx, policy_path=str(policy_path), reference_path=str(reference_path), total_steps=total,
             metrics_path=str(metrics_path), tensorboard_dir=str(work_dir / "tensorboard"), shards=shards,
-            shuffle=t.shuffle and stream is None))  # a stream is read once, in the order it flows
+            shuffle=t.shuffle and stream is None,  # a stream is read once, in the order it flows
+            # Only a group that outlives the call can hand its weights over: a one-off one's die with it.
+            hand_over=not own and cfg.sampling.weight_handover == "memory"))
     finally:
         if own:
             group.close()

@@ -40,6 +40,8 @@ class Sampler(Protocol):
 
     def load_weights(self, path: str) -> str: ...
 
+    def load_state(self, state: dict) -> str: ...
+
 
 # -------------------------------------------------------------------------------------------- vLLM
 
@@ -116,6 +118,14 @@ class VLLMSampler:
             self.model_path = str(path)
             return "reload"
 
+    def load_state(self, state: dict) -> str:
+        """New policy weights from memory, {HF parameter name: tensor}, into the running engine
+        (vLLM's in-place reload with a weights iterator: the same loader a checkpoint goes
+        through, minus the files). Raises when the engine cannot take them; the caller then
+        loads the checkpoint."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+        return "in_memory"
+
 
 # ------------------------------------------------------------------------------------ transformers
 
@@ -159,6 +169,10 @@ class HFSampler:
     def load_weights(self, path: str) -> str:
         self.model, self.tokenizer = load_hf_policy(path, **self._load_kwargs)
         return "reload"
+
+    def load_state(self, state: dict) -> str:
+        self.model.load_state_dict(state)  # strict: a missing or unknown name is an error
+        return "in_memory"
 
     def generate(self, prompts, seeds, n, temperature, top_p, max_tokens):
         rows_per_batch = max(1, self.batch_size // n)

@@ -38,9 +38,12 @@ def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_
     try:
         # Interrupted once round 2's graded answers are in place, before they are recorded.
         arm(failpoints, "driver.graded.committed", hit=2, action="interrupt")
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.INFO, logger="actors.sampler"):
             run_rounds(cfg, RunDir(cfg), pool=vllm_pool)
         assert fired(failpoints, "driver.graded.committed")
+        # Round 1's policy reached the engine from the trainer group's memory, not from its checkpoint.
+        loaded = [r.getMessage() for r in caplog.records if "new policy" in r.getMessage()]
+        assert len(loaded) == 1 and "from the trainers' memory" in loaded[0], loaded
         before = manifest()
         assert {"round-001/train", "round-001/eval", "round-002/samples"} <= set(before)
         assert "round-002/graded" not in before
@@ -64,8 +67,8 @@ def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_
         assert after["round-002/samples"]["policy"] == policy1
         assert after["round-002/train"]["reference"] == policy1  # run.reference=previous
 
-        # Round 2's samples are what the engine draws with round 1's weights (the same per-prompt
-        # seeds), and not what it draws with the initial ones.
+        # Round 2's samples (drawn after the in-memory hand-over) are what the engine draws with
+        # round 1's checkpoint (the same per-prompt seeds), and not what it draws with the initial weights.
         samples2 = pq.read_table(run_dir / "round-002" / "samples").to_pylist()
         prompts = [row["prompt"] for row in samples2]
         seeds = [prompt_seed(cfg.run.seed, 2, row["prompt_id"]) for row in samples2]

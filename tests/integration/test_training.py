@@ -147,9 +147,20 @@ def test_one_worker_runs_without_partitioning_or_all_reduce_and_matches_two_zero
     assert list(losses) == pytest.approx(list(losses0), abs=1e-4)
 
 
-def test_checkpoint_loads_in_transformers_and_vllm(zero2_run, vllm_pool, tiny_policy, tiny_cfg_factory):
+def test_checkpoint_loads_in_transformers_and_vllm(zero2_run, vllm_pool, tiny_policy, tiny_cfg_factory, caplog):
+    """The trained policy gives the same greedy answers in transformers, in a fresh vLLM engine,
+    in the running engine updated in place from the checkpoint, and in the running engine given
+    the weights through the object store (the trainer group's hand-over); handed-over weights
+    that do not match the checkpoint are refused, the checkpoint is loaded instead, and the
+    driver says so."""
+    import logging
+
+    import ray
+    from safetensors.torch import load_file
+
     from actors.sampler import SamplerPool
     from wpo_ray.generation import HFSampler
+    from wpo_ray.weights import pack_state
 
     _, out, _ = zero2_run
     policy = str(out / "checkpoint" / "policy")
@@ -170,6 +181,32 @@ def test_checkpoint_loads_in_transformers_and_vllm(zero2_run, vllm_pool, tiny_po
     assert in_place == fresh_out == hf
     restored = [c[0].text for c in vllm_pool.generate(prompts, seeds, 1, 0.0, 1.0, 8)]
     assert restored == before
+
+    @ray.remote(num_cpus=0)
+    class Owner:  # stands in for trainer rank 0, which owns the weights it puts
+        def put(self, path: str, cut: str | None = None) -> list:
+            state = load_file(f"{path}/model.safetensors")
+            if cut:  # a tensor of the wrong shape, which the engine refuses
+                state[cut] = state[cut][:-1]
+            return [ray.put(pack_state(state))]
+
+    owner = Owner.remote()
+    try:
+        [weights] = ray.get(owner.put.remote(policy))
+        assert vllm_pool.load_weights(policy, weights=weights) == ["in_memory"]
+        in_memory = [c[0].text for c in vllm_pool.generate(prompts, seeds, 1, 0.0, 1.0, 8)]
+        assert in_memory == fresh_out
+        vllm_pool.load_weights(tiny_policy)
+        # One tensor of the wrong shape: refused before any reaches the engine, which reads the checkpoint.
+        [bad] = ray.get(owner.put.remote(policy, "model.norm.weight"))
+        with caplog.at_level(logging.WARNING, logger="actors.sampler"):
+            assert vllm_pool.load_weights(policy, weights=bad) == ["in_place"]
+        assert any("hand-over failed on engine(s) [0]" in r.getMessage() for r in caplog.records), caplog.text
+        assert [c[0].text for c in vllm_pool.generate(prompts, seeds, 1, 0.0, 1.0, 8)] == fresh_out
+    finally:
+        ray.kill(owner)
+        vllm_pool.load_weights(tiny_policy)
+    assert [c[0].text for c in vllm_pool.generate(prompts, seeds, 1, 0.0, 1.0, 8)] == before
 
 
 def test_trl_format_pairs_are_read_with_uniform_weights(ray_session, arithmetic_pairs, tiny_cfg_factory, tmp_path):

@@ -29,8 +29,8 @@ class RecordingPool:
     def wake_up(self, tags: list[str]) -> None:
         self.calls.append(("wake_up", tuple(tags)))
 
-    def load_weights(self, path: str) -> None:
-        self.calls.append(("load_weights", path))
+    def load_weights(self, path: str, weights=None) -> None:
+        self.calls.append(("load_weights", path) if weights is None else ("load_weights", path, weights))
         self.model_path = path
 
 
@@ -110,3 +110,21 @@ def test_the_cpu_engine_falls_back_to_separate_saying_so_once(caplog):
 def test_colocated_combinations_that_cannot_work_are_refused_naming_the_keys(overrides, key):
     with pytest.raises(ConfigError, match=key):
         load_config(GSM8K, overrides)
+
+
+def test_weights_handed_over_in_memory_go_to_the_engines_only_for_the_policy_they_are():
+    from pipeline.round import LazySamplers
+
+    pool = RecordingPool("p0", can_sleep=False)
+    samplers = LazySamplers(load_config(TINY), pool)
+    samplers.offer("p1", "ref-1")  # round 1's trainers hold p1's weights
+    samplers("p1")  # round 1's evaluation: p1 from memory
+    assert pool.calls == [("load_weights", "p1", "ref-1")]
+    samplers("p1")  # round 2's sampling: loaded already, and the offer is spent
+    samplers.offer("p2", "ref-2")
+    samplers("p1")  # (a caller that wants another policy) the offer for p2 is not used for it, and dropped
+    samplers("p2")
+    assert pool.calls == [("load_weights", "p1", "ref-1")]
+    samplers.offer("p3", None)  # a round that did not hand its weights over: nothing to use
+    samplers("p3")
+    assert pool.calls == [("load_weights", "p1", "ref-1")] and samplers.offered is None
