@@ -171,7 +171,12 @@ class HFSampler:
         return "reload"
 
     def load_state(self, state: dict) -> str:
-        self.model.load_state_dict(state)  # strict: a missing or unknown name is an error
+        # The tensors the checkpoint holds (actors/sampler.py: checkpoint_tensors): a tied lm_head,
+        # which HF does not save, is missing and tied again; an unknown name is an error.
+        unexpected = self.model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"weights the model does not have: {unexpected[:3]}")
+        self.model.tie_weights()
         return "in_memory"
 
     def generate(self, prompts, seeds, n, temperature, top_p, max_tokens):
