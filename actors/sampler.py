@@ -98,7 +98,7 @@ class SamplerEngine:
         mode = None
         if weights is not None:
             try:
-                from wpo_ray.weights import unpack_state
+                from wpo_ray.weights import checkpoint_tensors, unpack_state
 
                 state = unpack_state(ray.get(weights[0], timeout=self.cfg.handover_timeout_s))
                 mode = self.sampler.load_state(checkpoint_tensors(state, path))
@@ -110,30 +110,6 @@ class SamplerEngine:
             mode = self.sampler.load_weights(path)
         self.policy = path
         return mode, time.time() - t0
-
-
-def checkpoint_tensors(state: dict, path: str) -> dict:
-    """The tensors of `state` that the checkpoint at `path` holds, checked against its safetensors
-    headers (names and shapes; no tensor data is read): exactly what a load from the checkpoint
-    would give the engine (a tied lm_head, which HF does not save, is left out). A tensor missing
-    or of another shape raises before anything reaches the engine: a load refused halfway can
-    leave vLLM's in-place reload unusable."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    shapes = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            shapes.update({k: list(st.get_slice(k).get_shape()) for k in st.keys()})
-    if not shapes:
-        raise ValueError(f"{path}: no safetensors to check the handed-over weights against")
-    wrong = [k for k in shapes if k not in state or list(state[k].shape) != shapes[k]]
-    if wrong:
-        k = wrong[0]
-        got = "missing" if k not in state else f"shape {list(state[k].shape)}"
-        raise ValueError(f"{len(wrong)} tensor(s) differ from {path}, e.g. {k}: {got}, the checkpoint has {shapes[k]}")
-    return {k: state[k] for k in shapes}
 
 
 def call_with_failover(engines: list, start: int, call, what: str, timeout_s: float):

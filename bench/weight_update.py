@@ -52,7 +52,6 @@ def main() -> None:
     ap.add_argument("--fresh", help=argparse.SUPPRESS)  # (internal) one fresh engine on this checkpoint
     args = ap.parse_args()
 
-    from actors.sampler import checkpoint_tensors
     from wpo_ray.config import EngineConfig
     from wpo_ray.generation import VLLMSampler
     from wpo_ray.integrity import verify_policy_dir, write_manifest
@@ -95,7 +94,7 @@ def main() -> None:
         import ray
         from safetensors.torch import load_file
 
-        from wpo_ray.weights import pack_state, unpack_state
+        from wpo_ray.weights import checkpoint_tensors, pack_state, unpack_state
 
         ray.init(num_cpus=1, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)

@@ -224,8 +224,8 @@ class SamplingConfig(_Strict):
     max_restarts: int = Field(3, ge=0)
     failover_timeout_s: float = Field(900.0, gt=0)
     # How a round's new policy reaches the running engines when the run's trainer group trained it:
-    # "memory": trainer rank 0's weights through Ray's object store into each engine (no disk
-    # read, no checksum pass over the files); "checkpoint": each engine reads the round's
+    # "memory": trainer rank 0's weights through Ray's object store into each engine (only the
+    # checkpoint's safetensors headers are read, no checksum pass over the files); "checkpoint": each engine reads the round's
     # checkpoint. A hand-over that fails or takes longer than handover_timeout_s reloads from
     # the checkpoint instead (logged).
     weight_handover: Literal["memory", "checkpoint"] = "memory"

@@ -171,7 +171,7 @@ class HFSampler:
         return "reload"
 
     def load_state(self, state: dict) -> str:
-        # The tensors the checkpoint holds (actors/sampler.py: checkpoint_tensors): a tied lm_head,
+        # The tensors the checkpoint holds (wpo_ray/weights.py: checkpoint_tensors): a tied lm_head,
         # which HF does not save, is missing and tied again; an unknown name is an error.
         unexpected = self.model.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:

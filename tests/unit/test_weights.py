@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from wpo_ray.weights import pack_state, unpack_state
+from wpo_ray.weights import checkpoint_tensors, pack_state, unpack_state
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -31,7 +31,6 @@ def test_handed_over_weights_are_checked_against_the_checkpoint_and_load_like_it
     """The engine side of the hand-over without Ray: the handed-over state keeps only what the
     checkpoint's safetensors hold (names and shapes from the headers), refuses a tensor of another
     shape or a missing one, and the transformers backend then holds exactly those weights."""
-    from actors.sampler import checkpoint_tensors
     from wpo_ray.config import TinyModelConfig
     from wpo_ray.generation import HFSampler
     from wpo_ray.tiny_model import build_char_tokenizer, build_tiny_model, save_policy
