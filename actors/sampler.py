@@ -88,10 +88,10 @@ class SamplerEngine:
         return contracts.from_rows(out, "samples")
 
     def load_weights(self, path: str, weights: list | None = None) -> tuple[str, float]:
-        """The policy at `path`, taken from `weights` ([an object ref of its packed state dict,
-        wpo_ray/weights.py], wrapped so
-        that Ray does not resolve it before this call can time it out) when given, else read
-        from the checkpoint. A hand-over that fails or times out reads the checkpoint instead."""
+        """The policy at `path`, taken from `weights` when given, else read from the checkpoint.
+        `weights` is [an object ref of the packed state dict (wpo_ray/weights.py)], wrapped in a
+        list so that Ray does not resolve it before this call can time it out. A hand-over that
+        fails, times out or does not match the checkpoint reads the checkpoint instead."""
         import ray
 
         t0 = time.time()

@@ -1,10 +1,12 @@
 """Policy weights as they travel between processes in memory (trainer rank 0 → Ray's object store →
 sampler engines): each tensor as a flat byte array with its dtype and shape.
 
-`checkpoint_tensors` checks them against the checkpoint they stand for before an engine loads
-them. Ray stores NumPy arrays out of band and hands them back as views of the shared object store,
+Ray stores NumPy arrays out of band and hands them back as views of the shared object store,
 with no copy and no unpickling of tensor data; torch tensors would be pickled and copied on
 every read. Bytes rather than NumPy dtypes, because NumPy has no bfloat16.
+
+`checkpoint_tensors` checks the weights against the checkpoint they stand for before an engine
+loads them.
 """
 
 from __future__ import annotations
