@@ -5,13 +5,11 @@ the training step's own (`wpo_ray.step`), so reference and policy log-probs are 
 
 `ReferencePool` hosts `RefLogpActor`s for as long as its owner keeps it (the run's trainer group:
 every round), so the reference model is loaded once, and again only when the round's reference
-changes (`run.reference: previous`). `RefLogpBatch` is the Ray Data stage: a thin proxy that
-sends each Arrow batch of pairs to one of the pool's actors.
+changes (`run.reference: previous`). `actors/stages.py: ref_logp_batch` is its Ray Data stage.
 """
 
 from __future__ import annotations
 
-import random
 
 import pyarrow as pa
 import torch
@@ -64,21 +62,6 @@ class RefLogpActor:
         return batch.append_column("ref_rejected_logp", pa.array(rejected, pa.float64()))
 
 
-class RefLogpBatch:
-    """Ray Data stage: forwards each batch of pairs to one of the pool's actors (round robin from a
-    random start). The stage's actors are proxies that reserve nothing; the pool holds the resources."""
-
-    def __init__(self, actors: list, model_path: str):
-        self.actors, self.model_path, self.next = actors, model_path, random.randrange(len(actors))
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import ray
-
-        actor = self.actors[self.next % len(self.actors)]
-        self.next += 1
-        return ray.get(actor.logps.remote(batch, self.model_path))
-
-
 class ReferencePool:
     """`train.reference.num_actors` RefLogpActors, started on `model_path` and kept until `shutdown`.
     A restarted actor (Ray restarts it once) reloads the reference each call names."""
@@ -98,13 +81,15 @@ class ReferencePool:
 
     def stage(self, ds, model_path: str, streamed: bool):
         """`ds` with the reference log-probs under `model_path` added, as a lazy Ray Data stage."""
+        from actors.stages import proxy_tasks, ref_logp_batch
+
         return ds.map_batches(
-            RefLogpBatch, fn_constructor_kwargs=dict(actors=self.actors, model_path=model_path),
+            ref_logp_batch, fn_kwargs=dict(actors=self.actors, model_path=model_path),
             # Streamed: each upstream block (one sampling batch's pairs) as it comes. A fixed batch
             # size makes Ray Data hold pairs back until that many have arrived, and a round of few
             # pairs per sampling batch then reached the workers only when sampling had ended.
-            batch_size=None if streamed else self.batch_size, batch_format="pyarrow", concurrency=len(self.actors),
-            num_cpus=0)
+            batch_size=None if streamed else self.batch_size, batch_format="pyarrow", num_cpus=0,
+            compute=proxy_tasks(len(self.actors)))
 
     def shutdown(self) -> None:
         import ray

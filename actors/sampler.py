@@ -2,8 +2,7 @@
 
 `SamplerEngine` is a Ray actor that hosts one engine for the whole run, so that between rounds it
 takes the new policy in place (vLLM `reload_weights`) instead of paying an engine start-up.
-`SampleBatch` is the Ray Data `map_batches` callable: a thin proxy that sends each Arrow batch of
-prompts to an engine and returns the batch in the `samples` contract.
+`actors/stages.py: sample_batch` is the Ray Data stage that feeds them.
 
 Engine death (a preempted node, the OOM killer): Ray restarts the engine (`sampling.max_restarts`)
 and the batch it was working on goes to another engine (`call_with_failover`). Every call names
@@ -15,11 +14,11 @@ gets the same samples it would have got: no prompt is lost or sampled twice.
 from __future__ import annotations
 
 import logging
-import random
 import time
 
 import pyarrow as pa
 
+from actors.stages import call_with_failover
 from wpo_ray import contracts
 from wpo_ray.cluster import where_am_i
 from wpo_ray.config import Config, EngineConfig, SamplingConfig
@@ -110,49 +109,6 @@ class SamplerEngine:
             mode = self.sampler.load_weights(path)
         self.policy = path
         return mode, time.time() - t0
-
-
-def call_with_failover(engines: list, start: int, call, what: str, timeout_s: float):
-    """`ray.get(call(engine))` on the engine at `start`, or on the next ones while engines are dead.
-
-    A dead engine raises at once (ActorDiedError, or ActorUnavailableError while Ray restarts it);
-    the call moves to the next engine and, after trying them all, waits a little and goes round
-    again, until `timeout_s` has passed.
-    """
-    import ray
-    from ray.exceptions import RayActorError
-
-    t0, tries = time.time(), 0
-    while True:
-        engine = engines[(start + tries) % len(engines)]
-        try:
-            return ray.get(call(engine))
-        except RayActorError as e:
-            tries += 1
-            waited = time.time() - t0
-            if waited > timeout_s:
-                raise RuntimeError(f"{what}: no sampler engine answered within {timeout_s:g}s "
-                                   f"(sampling.failover_timeout_s); last error: {e}") from e
-            log.warning("[samplers] %s: engine %d is dead or restarting (%s); trying engine %d", what,
-                        (start + tries - 1) % len(engines), type(e).__name__, (start + tries) % len(engines))
-            if tries % len(engines) == 0:
-                time.sleep(min(10.0, 0.5 * tries))
-
-
-class SampleBatch:
-    """Ray Data stage: forwards each batch to one of the engines (round robin from a random start)."""
-
-    def __init__(self, engines: list, round_idx: int, run_seed: int, policy: str, failover_timeout_s: float):
-        self.engines, self.round_idx, self.run_seed, self.policy = engines, round_idx, run_seed, policy
-        self.failover_timeout_s = failover_timeout_s
-        self.next = random.randrange(len(engines))
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        start = self.next
-        self.next += 1
-        return call_with_failover(
-            self.engines, start, lambda e: e.sample.remote(batch, self.round_idx, self.run_seed, self.policy),
-            f"round {self.round_idx} batch of {len(batch)} prompts", self.failover_timeout_s)
 
 
 class SamplerPool:

@@ -1,7 +1,7 @@
 """The main job, top to bottom: iterative weighted preference rounds, resumable, ending with a report.
 
     round 0:  evaluate the initial policy
-    round r:  prompts → samples (vLLM engines) → graded (grader actors) → pairs + skips (weights)
+    round r:  prompts → samples (vLLM engines) → graded → pairs + skips, weighted (grader actors)
               → reference log-probs (RefLogp actors) → DeepSpeed workers → checkpoint → evaluate;
               the engines take the new policy in place for round r + 1, from the trainers' memory
               (sampling.weight_handover=memory) or the checkpoint
@@ -89,6 +89,26 @@ class LazySamplers:
             self.pool.shutdown()
 
 
+class LazyGraders:
+    """The run's grader actors (actors/grader.py), started on the first round that grades and kept
+    for the rest of the run."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.pool = cfg, None
+
+    def __call__(self):
+        if self.pool is None:
+            from actors.grader import GraderPool
+
+            self.pool = GraderPool(self.cfg)
+            log.info("[run] %d grader(s) started for every round", len(self.pool.actors))
+        return self.pool
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 class LazyTrainers:
     """The run's trainer group (pipeline/training.py), started on the first round that trains and
     kept for the rest of the run (`run.trainers: persistent`). None where each round starts its
@@ -116,15 +136,16 @@ class LazyTrainers:
 
 
 def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, samplers: LazySamplers,
-                trainers: LazyTrainers) -> None:
+                graders: LazyGraders, trainers: LazyTrainers) -> None:
     """Round r's sampling half and training, recorded as the `train` stage (its checkpoint)."""
 
     def produce(out) -> dict:
         if cfg.run.overlap == "streaming" and not run.done(r, "pairs"):
-            return run_round_streaming(cfg, run, r, policy, reference, samplers(policy), out("checkpoint"))
+            return run_round_streaming(cfg, run, r, policy, reference, samplers(policy), out("checkpoint"),
+                                       graders=graders())
         # Staged, or a streamed round whose pairs were recorded before its training was.
         if not run.done(r, "pairs"):  # (a resumed round starts no engine it does not need)
-            run_sampling(cfg, run, r, policy, pool=samplers(policy))
+            run_sampling(cfg, run, r, policy, pool=samplers(policy), graders=graders())
         samplers.before_training()  # colocated: the engines give the trainers their GPUs
         group = trainers(samplers.placement)
         info = run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference, run.train_dir(r),
@@ -161,19 +182,20 @@ def run_rounds(cfg: Config, run: RunDir, pool=None) -> int:
     init_ray(cfg.ray)
     check_cluster(cfg)
     initial = resolve_policy(cfg)
-    samplers, trainers = LazySamplers(cfg, pool), LazyTrainers(cfg, run)
+    samplers, graders, trainers = LazySamplers(cfg, pool), LazyGraders(cfg), LazyTrainers(cfg, run)
     try:
         if not run.done(0, "eval"):
             eval_stage(cfg, run, 0, initial, samplers(initial))
         policy = initial
         for r in range(1, cfg.run.rounds + 1):
             reference = initial if cfg.run.reference == "initial" else policy
-            train_round(cfg, run, r, policy, reference, samplers, trainers)
+            train_round(cfg, run, r, policy, reference, samplers, graders, trainers)
             policy = str(run.policy_dir(r))
             if not run.done(r, "eval"):
                 eval_stage(cfg, run, r, policy, samplers(policy))
     finally:
         trainers.close()
+        graders.shutdown()
         samplers.shutdown()
     return _finish(cfg, run, t_start)
 

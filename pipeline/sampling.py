@@ -8,6 +8,7 @@ through the actors; the driver never holds a stage's data.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 from wpo_ray import contracts
 from wpo_ray.cluster import data_context
 from wpo_ray.config import Config
-from wpo_ray.pairing import pairs_and_skips_batch, split_pairs_and_skips
+from wpo_ray.pairing import split_pairs_and_skips
 from wpo_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -38,25 +39,62 @@ def write_parquet(ds, out: Path, schema: pa.Schema) -> int:
 
 
 def sample_stage(ds, cfg: Config, pool, r: int, policy_path: str):
-    """prompts → samples through the pool's engines. The stage's actors are thin proxies (no CPU
-    reserved); the engines hold the resources."""
-    from actors.sampler import SampleBatch
+    """prompts → samples through the pool's engines: thin tasks (no CPU reserved), one batch in
+    flight per engine; the engines hold the resources."""
+    from actors.stages import proxy_tasks, sample_batch
 
     s = cfg.sampling
     return ds.map_batches(
-        SampleBatch, fn_constructor_kwargs=dict(engines=pool.engines, round_idx=r, run_seed=cfg.run.seed,
-                                             policy=policy_path, failover_timeout_s=s.failover_timeout_s),
-        batch_size=s.batch_size, batch_format="pyarrow", concurrency=s.num_actors, num_cpus=0)
+        sample_batch, fn_kwargs=dict(engines=pool.engines, round_idx=r, run_seed=cfg.run.seed, policy=policy_path,
+                                     failover_timeout_s=s.failover_timeout_s),
+        batch_size=s.batch_size, batch_format="pyarrow", num_cpus=0, compute=proxy_tasks(s.num_actors))
 
 
-def grade_stage(ds, cfg: Config):
-    """samples → graded on the GraderActor pool."""
-    from actors.grader import GraderActor
+def ordered_files(path: Path, key: str = "prompt_id", reorder: bool = False) -> list[str] | None:
+    """The non-empty Parquet files of directory `path` such that reading them one after another
+    gives rows in strictly increasing `key` order: in name order (the order Ray Data reads a
+    directory in), or with `reorder` in the order of their first keys. None when no such order
+    exists (a file not sorted inside, or two files' key ranges overlapping). Reads only the `key`
+    column, one file at a time."""
+    import pyarrow.compute as pc
 
-    g = cfg.grading
-    return ds.map_batches(GraderActor, fn_constructor_kwargs=dict(grader=g.grader, timeout_s=g.timeout_s),
-                          batch_size=cfg.sampling.batch_size, batch_format="pyarrow", concurrency=g.num_actors,
-                          num_cpus=1)
+    spans = []
+    for f in sorted(path.glob("*.parquet")):
+        col = pq.read_table(f, columns=[key]).column(key)
+        if len(col) == 0:
+            continue
+        if len(col) > 1 and not pc.all(pc.less(col.slice(0, len(col) - 1), col.slice(1))).as_py():
+            return None
+        spans.append((col[0].as_py(), col[-1].as_py(), str(f)))
+    if reorder:
+        spans.sort()
+    if any(prev[1] >= nxt[0] for prev, nxt in zip(spans, spans[1:])):
+        return None
+    return [f for _, _, f in spans]
+
+
+def write_in_order(ds, out: Path, schema: pa.Schema, key: str = "prompt_id") -> int:
+    """`write_parquet`, with the rows in `key` order in the directory's file order, so the files do
+    not depend on the order actors finished in. A dataset read from ordered inputs through Ray Data
+    (which keeps the order: `data_context`) is written as it comes; anything else is sorted first,
+    a shuffle of the whole dataset."""
+    n = write_parquet(ds, out, schema)
+    if ordered_files(out, key) is None:
+        log.info("[stage] %s: rows not in %s order; sorting them", out.name, key)
+        shutil.rmtree(out)
+        n = write_parquet(ds.sort(key), out, schema)
+    return n
+
+
+def read_in_order(path: Path, key: str = "prompt_id"):
+    """A Ray dataset of the Parquet files in `path`, rows in `key` order: the files read in the order
+    of their key ranges when those do not overlap (no shuffle), else sorted."""
+    import ray.data
+
+    files = ordered_files(path, key, reorder=True)
+    if files is None:
+        return ray.data.read_parquet(str(path)).sort(key)
+    return ray.data.read_parquet(files or str(path))  # (no rows at all: the directory, for its schema)
 
 
 def prompts_stage(cfg: Config, run: RunDir, r: int, policy_path: str) -> int:
@@ -75,6 +113,8 @@ def prompts_stage(cfg: Config, run: RunDir, r: int, policy_path: str) -> int:
                 check_template_fits(tokenizer, limit)
         prompts, bad = round_prompts(*load_prompts(cfg.data, "train", tokenizer=tokenizer if cfg.data.chat_template
                                                    else None), cfg.data, cfg.run.rounds, r)
+        # In prompt_id order: every later stage keeps it, so no stage has to sort its output.
+        prompts = prompts.sort_by("prompt_id")
         bad = bad.set_column(bad.schema.get_field_index("round"), "round", pa.array([r] * len(bad), pa.int32()))
         if bad.num_rows:
             log.info("[round %d] %d bad input row(s) recorded as skips (data.on_bad_row=skip)", r, len(bad))
@@ -102,14 +142,13 @@ def length_check(cfg: Config, policy_path: str):
 
 
 def pairs_stage(run: RunDir, r: int, source) -> dict:
-    """Write the round's pairs and skips, `source()` -> (pairs, skips) Ray datasets, sorted by
-    prompt_id so the files do not depend on the order actors finished in; check that every prompt
-    became one of them."""
+    """Write the round's pairs and skips, `source()` -> (pairs, skips) Ray datasets, in prompt_id
+    order; check that every prompt became one of them."""
 
     def produce(out) -> dict:
         pairs, skips = source()
-        n_pairs = write_parquet(pairs.sort("prompt_id"), out("pairs"), contracts.PAIRS)
-        write_parquet(skips.sort("prompt_id"), out("skips"), contracts.SKIPS)
+        n_pairs = write_in_order(pairs, out("pairs"), contracts.PAIRS)
+        write_in_order(skips, out("skips"), contracts.SKIPS)
         pq.write_table(pq.read_table(run.output(r, "prompts") / "bad_rows.parquet"), out("skips") / "bad_rows.parquet")
         n_skips = count_rows(out("skips"))
         prompts = run.done(r, "prompts")
@@ -125,17 +164,27 @@ def pairs_stage(run: RunDir, r: int, source) -> dict:
     return info
 
 
-def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None) -> dict:
+def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, graders=None) -> dict:
     """Run (or resume) the sampling half of round r with the policy at `policy_path`.
 
-    `pool` is the run's SamplerPool (engines kept across rounds); one is started when needed if
-    none is given. Returns the round's pair/skip accounting.
+    `pool` is the run's SamplerPool and `graders` its GraderPool (both kept across rounds); what is
+    not given is started when needed and, for the graders, shut down on return. Returns the round's
+    pair/skip accounting.
     """
     import ray.data
 
     data_context()
     s = cfg.sampling
     n_prompts = prompts_stage(cfg, run, r, policy_path)
+    own_graders = graders is None
+
+    def grader_pool():
+        nonlocal graders
+        if graders is None:
+            from actors.grader import GraderPool
+
+            graders = GraderPool(cfg)
+        return graders
 
     def samples(out) -> dict:
         nonlocal pool
@@ -148,22 +197,25 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None) 
         pool.load_weights(policy_path)
         ds = sample_stage(ray.data.read_parquet(str(run.output(r, "prompts") / "prompts.parquet")), cfg, pool, r,
                           policy_path)
-        return dict(rows=write_parquet(ds, out("samples"), contracts.SAMPLES), policy=policy_path, backend=s.backend,
-                    placement={"samplers": pool.placement})
+        return dict(rows=write_in_order(ds, out("samples"), contracts.SAMPLES), policy=policy_path,
+                    backend=s.backend, placement={"samplers": pool.placement})
 
     def graded(out) -> dict:
-        ds = grade_stage(ray.data.read_parquet(str(run.output(r, "samples"))), cfg)
-        return dict(rows=write_parquet(ds, out("graded"), contracts.GRADED))
+        ds = grader_pool().grade_stage(read_in_order(run.output(r, "samples")))
+        return dict(rows=write_in_order(ds, out("graded"), contracts.GRADED))
 
     def pairs_and_skips():
         # One pairing pass over the graded table, kept in the object store (not the driver) and
         # split into the two outputs.
-        both = ray.data.read_parquet(str(run.output(r, "graded"))).map_batches(
-            pairs_and_skips_batch, fn_kwargs=dict(round=r, weighting=cfg.weighting, too_long=length_check(cfg, policy_path)),
-            batch_format="pyarrow", batch_size=s.batch_size).materialize()
+        both = grader_pool().pair_stage(read_in_order(run.output(r, "graded")), r, cfg.weighting,
+                                        length_check(cfg, policy_path)).materialize()
         return tuple(both.map_batches(lambda t, i=i: split_pairs_and_skips(t)[i], batch_format="pyarrow")
                      for i in (0, 1))
 
-    run.stage(r, "samples", samples)
-    run.stage(r, "graded", graded)
-    return pairs_stage(run, r, pairs_and_skips)
+    try:
+        run.stage(r, "samples", samples)
+        run.stage(r, "graded", graded)
+        return pairs_stage(run, r, pairs_and_skips)
+    finally:
+        if own_graders and graders is not None:
+            graders.shutdown()

@@ -2,13 +2,14 @@
 
 One Ray Data pipeline goes from the round's prompts to the training workers:
 
-    prompts → SampleBatch (engines) → GraderActor → persist_and_pair → RefLogpActor → Ray Train workers
+    prompts → sample_batch (engines) → grade_batch, pair_and_persist (graders) → ref_logp_batch
+            → Ray Train workers
 
-The workers start on the first pairs while the samplers still sample the rest. `persist_and_pair`
-pairs each graded batch and writes the batch's samples, graded rows, pairs and skips as Parquet
+The workers start on the first pairs while the samplers still sample the rest. `pair_and_persist`
+(actors/stages.py) pairs each graded batch and writes the batch's samples, graded rows, pairs and skips as Parquet
 parts named by the batch's prompt ids, so a retried task rewrites the same files instead of adding
-rows. When training ends, the parts are sorted into the round's usual `samples/ graded/ pairs/
-skips/`, the accounting is checked, and the stages are recorded as in a staged round; the report,
+rows. When training ends, the parts, read in prompt order, become the round's usual `samples/
+graded/ pairs/ skips/`, the accounting is checked, and the stages are recorded as in a staged round; the report,
 resume and exports see no difference.
 
 What streaming changes, and why:
@@ -26,22 +27,21 @@ What streaming changes, and why:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.sampling import grade_stage, length_check, pairs_stage, prompts_stage, sample_stage, write_parquet
+from actors.stages import pair_and_persist, proxy_tasks
+from pipeline.sampling import (length_check, pairs_stage, prompts_stage, read_in_order, sample_stage,
+                               write_in_order)
 from pipeline.training import run_training
 from wpo_ray import contracts
 from wpo_ray.cluster import data_context
-from wpo_ray.config import Config, WeightingConfig
+from wpo_ray.config import Config
 from wpo_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -49,27 +49,19 @@ log = logging.getLogger(__name__)
 PARTS = "stream.tmp"
 
 
-def persist_and_pair(batch: pa.Table, out_dir: str, round_idx: int, weighting: dict, too_long=None) -> pa.Table:
-    """Pair a graded batch, write its samples / graded / pairs / skips parts, pass the pairs on."""
-    from wpo_ray.pairing import build_pairs
-
-    graded = contracts.validate(batch, "graded", source="grader output")
-    pairs, skips = build_pairs(graded, round_idx, WeightingConfig.model_validate(weighting), too_long)
-    name = hashlib.sha256("\0".join(graded.column("prompt_id").to_pylist()).encode()).hexdigest()[:20]
-    samples = graded.select(contracts.SAMPLES.names)
-    for stage, table in (("samples", samples), ("graded", graded), ("pairs", pairs), ("skips", skips)):
-        d = Path(out_dir) / stage
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{name}.parquet.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, d / f"{name}.parquet")
-    return pairs
-
-
 def run_round_streaming(cfg: Config, run: RunDir, r: int, policy_path: str, reference_path: str, pool,
-                        checkpoint_dir: Path) -> dict:
-    """Sample, grade, pair and train round r in one pipeline, writing the checkpoint to
+                        checkpoint_dir: Path, graders=None) -> dict:
+    """Sample, grade, pair and train round r in one pipeline on the run's engines (`pool`) and
+    GraderPool (one is started for the call if none is given), writing the checkpoint to
     `checkpoint_dir`; record the sampling-half stages; return the training's record."""
+    if graders is None:
+        from actors.grader import GraderPool
+
+        graders = GraderPool(cfg)
+        try:
+            return run_round_streaming(cfg, run, r, policy_path, reference_path, pool, checkpoint_dir, graders)
+        finally:
+            graders.shutdown()
     import ray.data
 
     data_context()
@@ -84,12 +76,11 @@ def run_round_streaming(cfg: Config, run: RunDir, r: int, policy_path: str, refe
     # a single block of all prompts would reach the trainers only once everything is sampled.
     table, bs = pq.read_table(run.output(r, "prompts") / "prompts.parquet"), cfg.sampling.batch_size
     prompts = ray.data.from_arrow([table.slice(i, bs) for i in range(0, max(len(table), 1), bs)])
-    pairs = grade_stage(sample_stage(prompts, cfg, pool, r, policy_path), cfg).map_batches(
-        persist_and_pair, fn_kwargs=dict(out_dir=str(parts), round_idx=r, weighting=cfg.weighting.model_dump(),
-                                         too_long=length_check(cfg, policy_path)),
-        # No CPU reserved: it only writes small files, and a reservation would keep the RefLogp actor
-        # from starting until sampling ends (measured). Batch size: Ray's default waits for 1024 rows.
-        batch_size=cfg.sampling.batch_size, batch_format="pyarrow", num_cpus=0)
+    graded = graders.grade_stage(sample_stage(prompts, cfg, pool, r, policy_path))
+    pairs = graded.map_batches(  # a block (one sampling batch) at a time, as it comes
+        pair_and_persist, fn_kwargs=dict(actors=graders.actors, out_dir=str(parts), round_idx=r,
+                                         weighting=cfg.weighting.model_dump(), too_long=length_check(cfg, policy_path)),
+        batch_size=None, batch_format="pyarrow", num_cpus=0, compute=proxy_tasks(len(graders.actors), 2))
     info = run_training(cfg, None, checkpoint_dir, policy_path, reference_path, run.train_dir(r),
                         stream=(pairs, n_prompts), round_idx=r)
 
@@ -99,12 +90,13 @@ def run_round_streaming(cfg: Config, run: RunDir, r: int, policy_path: str, refe
                       None)
     info["overlap_seconds"] = round(last_pairs - first_step, 1) if first_step else 0.0
 
-    # The parts become the round's stage outputs, exactly as a staged round writes them.
+    # The parts become the round's stage outputs, exactly as a staged round writes them. Each part
+    # is one sampling batch, a run of consecutive prompts, so reading them in order needs no sort.
     for stage, schema in (("samples", contracts.SAMPLES), ("graded", contracts.GRADED)):
         run.stage(r, stage, lambda out, stage=stage, schema=schema: dict(
-            rows=write_parquet(ray.data.read_parquet(str(parts / stage)).sort("prompt_id"), out(stage), schema),
+            rows=write_in_order(read_in_order(parts / stage), out(stage), schema),
             policy=policy_path, backend=cfg.sampling.backend, overlap="streaming"))
-    pairs_stage(run, r, lambda: (ray.data.read_parquet(str(parts / "pairs")), ray.data.read_parquet(str(parts / "skips"))))
+    pairs_stage(run, r, lambda: (read_in_order(parts / "pairs"), read_in_order(parts / "skips")))
     shutil.rmtree(parts, ignore_errors=True)
     info["pairs"] = run.done(r, "pairs")["pairs"]
     info["overlap"] = "streaming"

@@ -100,6 +100,16 @@ def vllm_pool(ray_session, tiny_cfg_factory, tiny_policy):
 
 
 @pytest.fixture(scope="session")
+def grader_pool(ray_session, tiny_cfg_factory):
+    """One GraderPool (the default arithmetic grader) shared by the tests that grade, as a run shares it."""
+    from actors.grader import GraderPool
+
+    pool = GraderPool(tiny_cfg_factory())
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="session")
 def arithmetic_pairs(tiny_cfg_factory, tmp_path_factory) -> Path:
     """48 pairs in the contract schema: gold answer vs an off-by-one wrong answer, varied weights."""
     import pyarrow.parquet as pq

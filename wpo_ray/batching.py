@@ -59,6 +59,10 @@ class LengthCheck:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tok": None}
 
+    def key(self) -> tuple:
+        """Two checks with the same key give the same answers (a holder keeps the loaded one)."""
+        return self.tokenizer_path, self.max_length, self.trust_remote_code
+
     def __call__(self, prompt: str, chosen: str, rejected: str):
         if self._tok is None:
             from transformers import AutoTokenizer

@@ -11,6 +11,12 @@ from .logs import is_verbose, quiet_libraries, route_worker_output
 
 log = logging.getLogger(__name__)
 
+# Ray kills idle worker processes once the node has more workers than CPUs, and the run's actors
+# (engines, graders, reference, trainers) already count that many: every Ray Data stage then
+# started its tasks in new processes, 1-4 s per stage and round on 2 cores. Keeping a few idle
+# ones took a tiny round's pairing from ~7 s to ~3 s (docs/ENVIRONMENT.md).
+IDLE_WORKERS_PER_CPU = 4
+
 
 def init_ray(cfg: RayConfig):
     """Join a cluster or start an embedded one.
@@ -38,7 +44,8 @@ def init_ray(cfg: RayConfig):
         return ray
     _loopback_only()
     ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
-             dashboard_host="127.0.0.1", **quiet)
+             dashboard_host="127.0.0.1", _system_config={"num_workers_soft_limit": IDLE_WORKERS_PER_CPU * cfg.num_cpus},
+             **quiet)
     route_worker_output(cfg.verbose)
     node_ip = ray.nodes()[0]["NodeManagerAddress"]
     if not node_ip.startswith("127."):

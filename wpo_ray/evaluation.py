@@ -27,13 +27,17 @@ def accuracy_by_bucket(correct: Sequence[bool], buckets: Sequence[Optional[str]]
 def evaluate(sampler: Sampler, rows: list[dict], grader, maj_n: int = 0, max_tokens: int = 16,
              seed: int = 0, temperature: float = 1.0) -> dict:
     """Greedy accuracy (and maj@maj_n from sampled answers when maj_n > 0) of `sampler` on `rows`
-    (dicts with prompt_id, prompt, gold_answer and optionally difficulty)."""
+    (dicts with prompt_id, prompt, gold_answer and optionally difficulty), graded by `grader`
+    (its `grade_many(responses, golds)`: wpo_ray/graders.py)."""
     if not rows:
         raise ValueError("evaluate: no rows to evaluate")
     prompts = [r["prompt"] for r in rows]
     seeds = [prompt_seed(seed, -1, r["prompt_id"]) for r in rows]
+    golds = [r["gold_answer"] for r in rows]
     greedy = sampler.generate(prompts, seeds, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
-    greedy_ok = [grader(g[0].text, r["gold_answer"]).verdict == "correct" for g, r in zip(greedy, rows)]
+    # All answers in one grade_many call: the grader's process then checks them in chunks, not
+    # one round trip per answer (1,800 of them for maj@8 on 200 questions).
+    greedy_ok = [g.verdict == "correct" for g in grader.grade_many([g[0].text for g in greedy], golds)]
     buckets = [r.get("difficulty") for r in rows]
     out = {
         "n_prompts": len(rows),
@@ -42,9 +46,11 @@ def evaluate(sampler: Sampler, rows: list[dict], grader, maj_n: int = 0, max_tok
     }
     if maj_n > 0:
         sampled = sampler.generate(prompts, seeds, n=maj_n, temperature=temperature, top_p=1.0, max_tokens=max_tokens)
-        maj_ok = []
-        for comps, r in zip(sampled, rows):
-            grades = [grader(c.text, r["gold_answer"]) for c in comps]
+        flat = grader.grade_many([c.text for comps in sampled for c in comps],
+                                 [gold for comps, gold in zip(sampled, golds) for _ in comps])
+        maj_ok, at = [], 0
+        for comps in sampled:
+            grades, at = flat[at : at + len(comps)], at + len(comps)
             answer = majority_answer([g.extracted for g in grades])
             maj_ok.append(any(g.verdict == "correct" and g.extracted == answer for g in grades))
         out[f"maj@{maj_n}_accuracy"] = sum(maj_ok) / len(rows)

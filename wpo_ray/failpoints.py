@@ -19,7 +19,8 @@ and then
   until the trainers have taken a step: they can only if training overlaps sampling).
 
 Places (grep ``failpoint(`` for the full list): ``sampler.sample`` (an engine, per batch),
-``sampler.generate`` (an engine, per evaluation chunk), ``train.micro_step`` (a training worker,
+``sampler.generate`` (an engine, per evaluation chunk), ``grader.grade`` / ``grader.pair`` (a
+grader, per batch), ``train.micro_step`` (a training worker,
 before each micro-batch), ``driver.<output>.written`` (a stage's output written, not yet renamed
 into place), ``driver.<output>.committed`` (renamed, not yet in the manifest),
 ``bootstrap.step`` / ``bootstrap.written`` (the SFT bootstrap: per step; its cache entry written,

@@ -36,13 +36,13 @@ def test_a_worker_failing_on_every_attempt_stops_the_round_and_a_rerun_trains_cl
     """Killed at its first micro-batch on every (re)start: after train.max_failures restarts the
     round's training raises, nothing is recorded or put in place, and once the fault is gone the
     same command trains the round from the start."""
-    from pipeline.round import LazySamplers, LazyTrainers, train_round
+    from pipeline.round import LazyGraders, LazySamplers, LazyTrainers, train_round
     from wpo_ray.rundir import RunDir, checkpoint_has_policy
 
     def train(run) -> None:  # as run_rounds does it: the run's trainer group
         trainers = LazyTrainers(cfg, run)
         try:
-            train_round(cfg, run, 1, tiny_policy, tiny_policy, LazySamplers(cfg), trainers)
+            train_round(cfg, run, 1, tiny_policy, tiny_policy, LazySamplers(cfg), LazyGraders(cfg), trainers)
         finally:
             trainers.close()
 
@@ -129,17 +129,17 @@ def test_a_driver_stopped_during_the_bootstrap_never_leaves_a_partial_cache_entr
 
 
 def test_a_vllm_engine_killed_mid_round_gives_the_round_an_undisturbed_run_gives(
-        tiny_cfg_factory, tiny_policy, vllm_pool, failpoints, tmp_path):
+        tiny_cfg_factory, tiny_policy, vllm_pool, grader_pool, failpoints, tmp_path):
     """The real vLLM engine SIGKILLed in its second sampling batch: Ray restarts it, the batch is
     sampled again with the same per-prompt seeds, and no prompt is lost or sampled twice."""
     from pipeline.sampling import run_sampling
     from wpo_ray.rundir import RunDir
 
     clean = tiny_cfg_factory(run_dir=tmp_path / "clean")
-    run_sampling(clean, RunDir(clean), 1, tiny_policy, pool=vllm_pool)
+    run_sampling(clean, RunDir(clean), 1, tiny_policy, pool=vllm_pool, graders=grader_pool)
     killed = tiny_cfg_factory(run_dir=tmp_path / "killed")
     arm(failpoints, "sampler.sample", hit=2)
-    info = run_sampling(killed, RunDir(killed), 1, tiny_policy, pool=vllm_pool)
+    info = run_sampling(killed, RunDir(killed), 1, tiny_policy, pool=vllm_pool, graders=grader_pool)
     assert fired(failpoints, "sampler.sample"), "the failpoint never fired: nothing was tested"
     assert info["pairs"] + info["skips"] == info["prompts"] == killed.data.arithmetic.n_train
     samples = pq.read_table(tmp_path / "killed" / "round-001" / "samples")
@@ -150,3 +150,31 @@ def test_a_vllm_engine_killed_mid_round_gives_the_round_an_undisturbed_run_gives
     assert by_prompt("killed").equals(by_prompt("clean"))
     for out in ("pairs", "skips"):
         assert read("killed", out).equals(read("clean", out)), out
+
+
+def test_a_grader_killed_while_grading_and_while_pairing_gives_the_round_an_undisturbed_run_gives(
+        tiny_cfg_factory, tiny_policy, vllm_pool, grader_pool, failpoints, tmp_path):
+    """A run's grader SIGKILLed in its second grading batch, then in its second pairing batch: Ray
+    restarts it and retries the batch, and the round's graded rows, pairs and skips are those of an
+    undisturbed run (grading and pairing are pure)."""
+    from actors.grader import GraderPool
+    from pipeline.sampling import run_sampling
+    from wpo_ray.rundir import RunDir
+
+    clean = tiny_cfg_factory(run_dir=tmp_path / "clean")
+    run_sampling(clean, RunDir(clean), 1, tiny_policy, pool=vllm_pool, graders=grader_pool)
+    killed = tiny_cfg_factory(run_dir=tmp_path / "killed")
+    graders = GraderPool(killed)  # its own: the shared one is never killed
+    try:
+        before = graders.info()
+        arm(failpoints, "grader.grade", hit=2)
+        arm(failpoints, "grader.pair", hit=2)
+        info = run_sampling(killed, RunDir(killed), 1, tiny_policy, pool=vllm_pool, graders=graders)
+        assert fired(failpoints, "grader.grade") and fired(failpoints, "grader.pair"), "nothing was tested"
+        assert graders.info()[0]["pid"] != before[0]["pid"]  # the actor really died and came back
+    finally:
+        graders.shutdown()
+    assert info["pairs"] + info["skips"] == info["prompts"] == killed.data.arithmetic.n_train
+    for out in ("graded", "pairs", "skips"):
+        a = pq.read_table(tmp_path / "clean" / "round-001" / out)
+        assert pq.read_table(tmp_path / "killed" / "round-001" / out).equals(a), out

@@ -48,7 +48,8 @@ def _wait_for(pred, timeout: float, proc=None, what: str = ""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_driver_killed_after_sampling_and_mid_training_resumes(tiny_policy, tiny_cfg_factory, vllm_pool, tmp_path):
+def test_driver_killed_after_sampling_and_mid_training_resumes(tiny_policy, tiny_cfg_factory, vllm_pool, grader_pool,
+                                                              tmp_path):
     """The driver is SIGKILLed twice: once the sampling half is recorded, then in the middle of
     training (a worker held at micro-batch 3, right after the step-2 checkpoint). The third run
     resumes training from that checkpoint, never resamples, and finishes the round."""
@@ -106,7 +107,7 @@ def test_driver_killed_after_sampling_and_mid_training_resumes(tiny_policy, tiny
 
     # The pairs equal those of an uninterrupted sampling run with the same config.
     cfg = tiny_cfg_factory("run.rounds=1", *train_over, run_dir=tmp_path / "uninterrupted")
-    run_sampling(cfg, RunDir(cfg), 1, tiny_policy, pool=vllm_pool)
+    run_sampling(cfg, RunDir(cfg), 1, tiny_policy, pool=vllm_pool, graders=grader_pool)
     assert pq.read_table(run_dir / "round-001" / "pairs").equals(
         pq.read_table(tmp_path / "uninterrupted" / "round-001" / "pairs"))
 

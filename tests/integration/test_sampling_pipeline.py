@@ -10,12 +10,12 @@ from wpo_ray import contracts
 pytestmark = pytest.mark.integration
 
 
-def _run(cfg, pool=None):
+def _run(cfg, pool=None, graders=None):
     from pipeline.sampling import run_sampling
     from wpo_ray.rundir import RunDir
 
     run = RunDir(cfg)
-    return run, run_sampling(cfg, run, 1, cfg._policy, pool=pool)
+    return run, run_sampling(cfg, run, 1, cfg._policy, pool=pool, graders=graders)
 
 
 def _check_round(run, cfg, info):
@@ -54,22 +54,23 @@ def _check_round(run, cfg, info):
     return pairs
 
 
-def test_vllm_round_writes_contract_parquet_and_is_reproducible(tiny_cfg_factory, tiny_policy, vllm_pool, tmp_path):
+def test_vllm_round_writes_contract_parquet_and_is_reproducible(tiny_cfg_factory, tiny_policy, vllm_pool, grader_pool,
+                                                                tmp_path):
     cfg = tiny_cfg_factory(run_dir=tmp_path / "a")
     object.__setattr__(cfg, "_policy", tiny_policy)
-    run, info = _run(cfg, vllm_pool)
+    run, info = _run(cfg, vllm_pool, grader_pool)
     pairs_a = _check_round(run, cfg, info)
     assert run.done(1, "samples")["backend"] == "vllm"
     # Same seed, fresh run directory: identical pairs, row for row.
     cfg_b = tiny_cfg_factory(run_dir=tmp_path / "b")
     object.__setattr__(cfg_b, "_policy", tiny_policy)
-    _, _ = _run(cfg_b, vllm_pool)
+    _, _ = _run(cfg_b, vllm_pool, grader_pool)
     pairs_b = pq.read_table(tmp_path / "b" / "round-001" / "pairs")
     assert pairs_a.equals(pairs_b)
     # Another seed gives other samples (the seed is really used).
     cfg_c = tiny_cfg_factory("run.seed=7", run_dir=tmp_path / "c")
     object.__setattr__(cfg_c, "_policy", tiny_policy)
-    _run(cfg_c, vllm_pool)
+    _run(cfg_c, vllm_pool, grader_pool)
     resp_a = pq.read_table(tmp_path / "a" / "round-001" / "samples").column("responses").to_pylist()
     resp_c = pq.read_table(tmp_path / "c" / "round-001" / "samples").column("responses").to_pylist()
     assert resp_a != resp_c
@@ -87,12 +88,12 @@ def test_transformers_backend_round(tiny_cfg_factory, tiny_policy, ray_session, 
     assert pairs_a.equals(pq.read_table(tmp_path / "b" / "round-001" / "pairs"))
 
 
-def test_rerun_does_not_resample(tiny_cfg_factory, tiny_policy, vllm_pool, tmp_path):
+def test_rerun_does_not_resample(tiny_cfg_factory, tiny_policy, vllm_pool, grader_pool, tmp_path):
     cfg = tiny_cfg_factory(run_dir=tmp_path / "r")
     object.__setattr__(cfg, "_policy", tiny_policy)
-    run, _ = _run(cfg, vllm_pool)
+    run, _ = _run(cfg, vllm_pool, grader_pool)
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "r" / "round-001" / "samples").glob("*.parquet")}
-    _run(cfg, vllm_pool)
+    _run(cfg, vllm_pool, grader_pool)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r" / "round-001" / "samples").glob("*.parquet")} == stamp
 
 
@@ -144,7 +145,7 @@ def _stage_state(run_dir, stage):
 
 
 def test_driver_interrupted_at_every_stage_boundary_resumes_without_redoing(tiny_cfg_factory, tiny_policy, vllm_pool,
-                                                                           failpoints, tmp_path):
+                                                                           grader_pool, failpoints, tmp_path):
     """Ctrl-C in the driver after each stage's output is written (not yet renamed) and after it is
     renamed (not yet recorded): the rerun redoes only that stage, never a recorded one, takes no
     leftover for output, and ends with the pairs of an uninterrupted run."""
@@ -160,7 +161,7 @@ def test_driver_interrupted_at_every_stage_boundary_resumes_without_redoing(tiny
         for moment in ("written", "committed"):
             arm(failpoints, f"driver.{stage}.{moment}", action="interrupt")
             with pytest.raises(KeyboardInterrupt):
-                _run(cfg, vllm_pool)
+                _run(cfg, vllm_pool, grader_pool)
             assert fired(failpoints, f"driver.{stage}.{moment}")
             done = manifest() if (tmp_path / "r" / "manifest.json").exists() else {}
             assert "round-001/pairs" not in done  # pairs and skips are recorded together, last
@@ -169,16 +170,17 @@ def test_driver_interrupted_at_every_stage_boundary_resumes_without_redoing(tiny
             for key in done.keys() - recorded.keys():
                 recorded[key] = (done[key], _stage_state(tmp_path / "r", key.split("/")[1]))
     assert set(recorded) == {f"round-001/{s}" for s in ("prompts", "samples", "graded")}
-    run, info = _run(cfg, vllm_pool)
+    run, info = _run(cfg, vllm_pool, grader_pool)
     assert not list((tmp_path / "r" / "round-001").glob("*.tmp"))
     pairs = _check_round(run, cfg, info)
     clean = tiny_cfg_factory(run_dir=tmp_path / "clean")
     object.__setattr__(clean, "_policy", tiny_policy)
-    _run(clean, vllm_pool)
+    _run(clean, vllm_pool, grader_pool)
     assert pairs.equals(pq.read_table(tmp_path / "clean" / "round-001" / "pairs"))
 
 
-def test_pairs_longer_than_train_max_length_become_too_long_skips(tiny_cfg_factory, tiny_policy, vllm_pool, tmp_path):
+def test_pairs_longer_than_train_max_length_become_too_long_skips(tiny_cfg_factory, tiny_policy, vllm_pool, grader_pool,
+                                                                  tmp_path):
     """With train.max_length=9 (<s> + a 6-character question + a response + </s>), pairs with a
     longer response are skipped as `too_long`, counted in the round's accounting, never cut."""
     from transformers import AutoTokenizer
@@ -187,7 +189,7 @@ def test_pairs_longer_than_train_max_length_become_too_long_skips(tiny_cfg_facto
 
     cfg = tiny_cfg_factory("train.max_length=9", run_dir=tmp_path / "r")
     object.__setattr__(cfg, "_policy", tiny_policy)
-    run, info = _run(cfg, vllm_pool)
+    run, info = _run(cfg, vllm_pool, grader_pool)
     _check_round(run, cfg, info)
     assert info["skip_reasons"].get("too_long", 0) > 0, info
     tok = AutoTokenizer.from_pretrained(tiny_policy)
@@ -196,3 +198,29 @@ def test_pairs_longer_than_train_max_length_become_too_long_skips(tiny_cfg_facto
     for s in pq.read_table(run.round_dir(1) / "skips").to_pylist():
         if s["reason"] == "too_long":
             assert s["detail"].endswith("tokens > train.max_length=9")
+
+
+def test_graders_live_across_rounds_and_keep_the_tokenizer_loaded(tiny_cfg_factory, tiny_policy, vllm_pool,
+                                                                  tmp_path):
+    """The run's GraderPool grades and pairs every round in the same processes, loading the
+    policy's tokenizer (the pairs' length check) once, and gives the pairs a call with its own
+    graders gives."""
+    from actors.grader import GraderPool
+    from pipeline.sampling import run_sampling
+    from wpo_ray.rundir import RunDir
+
+    cfg = tiny_cfg_factory("run.rounds=2", "data.prompts_per_round=16", run_dir=tmp_path / "run")
+    graders = GraderPool(cfg)
+    try:
+        started = graders.info()
+        run = RunDir(cfg)
+        for r in (1, 2):
+            info = run_sampling(cfg, run, r, tiny_policy, pool=vllm_pool, graders=graders)
+            assert info["pairs"] + info["skips"] == 16
+        assert graders.info() == [{**i, "tokenizer_loads": 1} for i in started]
+    finally:
+        graders.shutdown()
+    alone = tiny_cfg_factory("run.rounds=2", "data.prompts_per_round=16", run_dir=tmp_path / "alone")
+    run_sampling(alone, RunDir(alone), 2, tiny_policy, pool=vllm_pool)
+    for stage in ("graded", "pairs", "skips"):
+        assert pq.read_table(run.output(2, stage)).equals(pq.read_table(RunDir(alone).output(2, stage))), stage

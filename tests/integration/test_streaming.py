@@ -14,7 +14,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_streaming_round_trains_while_sampling_and_records_a_staged_rounds_outputs(tiny_cfg_factory, tiny_policy,
-                                                                                   vllm_pool, failpoints, tmp_path):
+                                                                                   vllm_pool, grader_pool, failpoints,
+                                                                                   tmp_path):
     from wpo_ray.rundir import checkpoint_has_policy, ledger_file
     from wpo_ray.train_plan import optimizer_steps
     from pipeline.sampling import run_sampling
@@ -48,7 +49,7 @@ def test_streaming_round_trains_while_sampling_and_records_a_staged_rounds_outpu
 
     # The same pairs as a staged round from the same policy and seed (per-prompt seeds).
     staged_cfg = tiny_cfg_factory(run_dir=tmp_path / "staged")
-    run_sampling(staged_cfg, RunDir(staged_cfg), 1, tiny_policy, pool=vllm_pool)
+    run_sampling(staged_cfg, RunDir(staged_cfg), 1, tiny_policy, pool=vllm_pool, graders=grader_pool)
     assert pairs.equals(pq.read_table(tmp_path / "staged" / "round-001" / "pairs"))
 
     # Training used the stream: the steps its pairs allow, each applied pair a distinct pair of the round.

@@ -404,7 +404,7 @@ def test_grader_called_from_several_threads_at_once(arithmetic_grader):
 
 
 def test_grader_actor_puts_a_timeout_note_into_grade_notes():
-    # GraderActor is the Ray Data stage callable; it is a plain class, so no Ray is needed here.
+    # GraderActor is a plain class (Ray hosts it in GraderPool), so no Ray is needed here.
     samples = pa.Table.from_pylist(
         [
             dict(prompt_id="p1", round=1, prompt="3+5=", gold_answer="8", gold_solution=None,
