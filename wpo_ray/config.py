@@ -271,13 +271,20 @@ MARGIN_BASES = SIGMOID_BASES + ("hinge",)
 LossBase = Literal["dpo", "cdpo", "robust", "hinge", "ipo", "dpop", "simpo"]
 
 
+# β where a loss's authors give one, for `train.loss.beta: null` (the default). SimPO's rewards
+# are length-normalised log-probs, not log-ratios, and want a β an order larger (Meng et al. use
+# 2.0-2.5); DPO, DPOP, IPO and the rest are usually run at 0.1.
+DEFAULT_BETA: dict[str, float] = {"simpo": 2.0}
+DEFAULT_BETA_OTHERS = 0.1
+
+
 class LossConfig(_Strict):
     base: LossBase = "dpo"
-    beta: float = Field(0.1, gt=0)
+    beta: Optional[float] = Field(None, gt=0)  # null: the base's own default (DEFAULT_BETA)
     # cdpo / robust label smoothing ε_ls.
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     dpop_lambda: float = Field(50.0, ge=0)
-    simpo_gamma: float = Field(0.5, ge=0)
+    simpo_gamma: Optional[float] = Field(None, ge=0)  # null: β / 2 (Meng et al.'s γ/β = 0.5)
     # margin: f(w·Δ − m) as Ma et al. write it; loss: w · f(Δ − m).
     weight_placement: Literal["margin", "loss"] = "margin"
     focal: FocalConfig = FocalConfig()
@@ -285,6 +292,10 @@ class LossConfig(_Strict):
 
     @model_validator(mode="after")
     def _combos(self) -> "LossConfig":
+        if self.beta is None:
+            self.beta = DEFAULT_BETA.get(self.base, DEFAULT_BETA_OTHERS)
+        if self.simpo_gamma is None:
+            self.simpo_gamma = self.beta / 2
         if self.focal.gamma > 0 and self.base not in SIGMOID_BASES:
             raise ValueError(
                 f"focal.gamma > 0 is defined only for the sigmoid family {SIGMOID_BASES}; "

@@ -225,3 +225,15 @@ def test_cpu_training_uses_torch_adam_and_gpu_training_the_fused_kernel():
     # every later worker, so CPU runs use torch's Adam(W).
     assert deepspeed_config(load_config(None), 10)["optimizer"]["params"]["torch_adam"] is True
     assert deepspeed_config(load_config(None, ["train.use_gpu=true"]), 10)["optimizer"]["params"]["torch_adam"] is False
+
+
+def test_beta_and_simpo_gamma_default_to_the_loss_authors_values_and_an_explicit_value_wins():
+    from wpo_ray.config import LossConfig
+
+    assert (LossConfig(base="simpo").beta, LossConfig(base="simpo").simpo_gamma) == (2.0, 1.0)  # γ/β = 0.5
+    assert all(LossConfig(base=b).beta == 0.1 for b in ("dpo", "cdpo", "robust", "hinge", "ipo", "dpop"))
+    assert LossConfig(base="simpo", beta=2.5).simpo_gamma == 1.25
+    assert LossConfig(base="simpo", beta=1.0).beta == 1.0 and LossConfig(base="simpo", simpo_gamma=0.3).simpo_gamma == 0.3
+    # The shipped default config leaves β to the base: switching the loss switches the β.
+    assert load_config(ROOT / "configs" / "tiny-cpu.yaml", ["train.loss.base=simpo"]).train.loss.beta == 2.0
+    assert load_config(ROOT / "configs" / "tiny-cpu.yaml").train.loss.beta == 0.1

@@ -39,6 +39,10 @@ def t(x) -> torch.Tensor:
 
 
 def cfg_for(base: str, **kw) -> LossConfig:
+    """The numpy reference's constants (β 0.1, γ_simpo 0.5), not the per-base defaults."""
+    kw.setdefault("beta", 0.1)
+    if base == "simpo":
+        kw.setdefault("simpo_gamma", 0.5)
     return LossConfig(base=base, **kw)
 
 
