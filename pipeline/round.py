@@ -91,10 +91,10 @@ class LazySamplers:
 
 class LazyGraders:
     """The run's grader actors (actors/grader.py), started on the first round that grades and kept
-    for the rest of the run."""
+    for the rest of the run; a pool handed in (a test's shared one) is used and left running."""
 
-    def __init__(self, cfg: Config):
-        self.cfg, self.pool = cfg, None
+    def __init__(self, cfg: Config, pool=None):
+        self.cfg, self.pool, self.owned = cfg, pool, pool is None
 
     def __call__(self):
         if self.pool is None:
@@ -105,7 +105,7 @@ class LazyGraders:
         return self.pool
 
     def shutdown(self) -> None:
-        if self.pool is not None:
+        if self.pool is not None and self.owned:
             self.pool.shutdown()
 
 
@@ -168,7 +168,9 @@ def check_cluster(cfg: Config) -> None:
     check_fit(roles(cfg), nodes_from_ray(ray.nodes()))
 
 
-def run_rounds(cfg: Config, run: RunDir, pool=None) -> int:
+def run_rounds(cfg: Config, run: RunDir, pool=None, graders=None) -> int:
+    """Run (or resume) every round of `run`. `pool` / `graders`: a running SamplerPool and
+    GraderPool to use (and leave running); by default the run starts its own."""
     from wpo_ray.bootstrap import resolve_policy
     from wpo_ray.cluster import init_ray
 
@@ -182,7 +184,7 @@ def run_rounds(cfg: Config, run: RunDir, pool=None) -> int:
     init_ray(cfg.ray)
     check_cluster(cfg)
     initial = resolve_policy(cfg)
-    samplers, graders, trainers = LazySamplers(cfg, pool), LazyGraders(cfg), LazyTrainers(cfg, run)
+    samplers, graders, trainers = LazySamplers(cfg, pool), LazyGraders(cfg, graders), LazyTrainers(cfg, run)
     try:
         if not run.done(0, "eval"):
             eval_stage(cfg, run, 0, initial, samplers(initial))

@@ -155,6 +155,11 @@ def nodes_from_ray(ray_nodes: list[dict]) -> list[Node]:
 # ------------------------------------------------------------------------------------ fitting
 
 
+# CPUs no actor may hold: the Ray Data tasks between the actors (reading and writing Parquet,
+# checking pairs) reserve one each, and with every CPU held by the run's actors they never start.
+DATA_CPUS = 1.0
+
+
 def check_fit(plan: list[Role], nodes: list[Node]) -> list[tuple[str, str]]:
     """Place every actor of `plan` on `nodes` (largest bundles first, first fit); returns
     (actor, node) placements or raises PlanError naming the role that does not fit.
@@ -186,6 +191,11 @@ def check_fit(plan: list[Role], nodes: list[Node]) -> list[tuple[str, str]]:
         for k, v in role.resources.items():
             node.resources[k] -= v
         placed.append((f"{role.name}[{i}]", node.name))
+    spare = sum(n.cpus for n in free)
+    if spare < DATA_CPUS - 1e-9:
+        raise PlanError(f"data stages: the run's actors hold {sum(n.cpus for n in nodes) - spare:g} of the cluster's "
+                        f"{sum(n.cpus for n in nodes):g} CPUs for the whole run ({', '.join(f'{r.name} {r.actors} x {r.cpus:g}' for r in plan)}); Ray Data's read, "
+                        f"check and write tasks need {DATA_CPUS:g} CPU no actor holds, or a round waits for one forever")
     return placed
 
 
@@ -301,7 +311,8 @@ def describe(cfg: Config, nodes: Optional[list[Node]] = None, gpu_gib: float = 8
         other = ", ".join([f"TP {r.tp}"] * (r.tp > 1) + [f"{k}={v:g}" for k, v in r.resources.items()])
         lines.append(f"{r.name:11} {r.actors:6}  {r.gpus:9g}  {r.cpus:9g}  {other}")
     gpus, cpus = sum(r.actors * r.gpus for r in plan), sum(r.actors * r.cpus for r in plan)
-    lines.append(f"held at once: {gpus:g} GPUs, {cpus:g} CPUs (one bundle per actor)")
+    lines.append(f"held at once: {gpus:g} GPUs, {cpus:g} CPUs (one bundle per actor), plus {DATA_CPUS:g} CPU left "
+                 "free for the Ray Data stages")
     if shares_gpus(cfg):
         lines.append("placement: colocated (each shared GPU: one sampler engine 0.6 + one trainer 0.4; the engines "
                      "sleep while the trainers train)")

@@ -22,7 +22,7 @@ def _state(run_dir, r: int, name: str) -> dict:
 
 
 def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_resume_in_round_two(
-        tiny_cfg_factory, tiny_policy, vllm_pool, failpoints, tmp_path, caplog):
+        tiny_cfg_factory, tiny_policy, vllm_pool, grader_pool, failpoints, tmp_path, caplog):
     from pipeline.round import run_rounds
     from wpo_ray.failpoints import arm, fired
     from wpo_ray.generation import prompt_seed
@@ -39,7 +39,7 @@ def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_
         # Interrupted once round 2's graded answers are in place, before they are recorded.
         arm(failpoints, "driver.graded.committed", hit=2, action="interrupt")
         with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.INFO, logger="actors.sampler"):
-            run_rounds(cfg, RunDir(cfg), pool=vllm_pool)
+            run_rounds(cfg, RunDir(cfg), pool=vllm_pool, graders=grader_pool)
         assert fired(failpoints, "driver.graded.committed")
         # Round 1's policy reached the engine from the trainer group's memory, not from its checkpoint.
         loaded = [r.getMessage() for r in caplog.records if "new policy" in r.getMessage()]
@@ -53,7 +53,7 @@ def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_
 
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="pipeline.round"):
-            assert run_rounds(cfg, RunDir(cfg), pool=vllm_pool) == 0
+            assert run_rounds(cfg, RunDir(cfg), pool=vllm_pool, graders=grader_pool) == 0
         fallback = [r.getMessage() for r in caplog.records if "falling back to separate placement" in r.getMessage()]
         assert len(fallback) == 1 and "vLLM has no sleep mode on cpu" in fallback[0], fallback
         after = manifest()

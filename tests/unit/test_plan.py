@@ -58,6 +58,15 @@ def test_fractional_gpus_are_placed_on_single_gpus_not_on_a_node_total():
     check_fit([Role("samplers", 2, 0.6, 1.0), Role("trainers", 2, 0.4, 1.0)], [Node("n", 16, 2)])
 
 
+def test_a_cluster_whose_cpus_the_actors_hold_all_is_refused_for_the_data_stages():
+    """The run's actors hold their CPUs for the whole run; Ray Data's tasks between them need one
+    more, or a round waits forever (seen: the reference stage's check task never started)."""
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml")  # 5 CPUs held: engine, grader, reference, 2 trainers
+    check_fit(roles(cfg), [Node("n", 6, 0)])
+    with pytest.raises(PlanError, match=r"data stages: the run's actors hold 5 of the cluster's 5 CPUs.*graders 1 x 1"):
+        check_fit(roles(cfg), [Node("n", 5, 0)])
+
+
 def test_a_cluster_given_as_nodes_and_gpus_per_node():
     cfg = load_config(MATH)  # TP=2 engines: 2 GPUs on one node each
     check_fit(roles(cfg), nodes_from_counts(4, 4))
