@@ -35,8 +35,12 @@ class GraderActor:
     def __init__(self, grader: str, timeout_s: float = 5.0, preload_tokenizers: bool = False, **grader_kwargs):
         setup_worker_logging()
         log_placement("grader")
-        if preload_tokenizers:  # transformers takes seconds to import: do it while the first round grades
-            threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True).start()
+        # transformers takes seconds to import: do it while the first round grades. `pair` waits for
+        # it, since a second import of a package half-imported by another thread can fail.
+        self._preload = None
+        if preload_tokenizers:
+            self._preload = threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True)
+            self._preload.start()
         self.grader = get_grader(grader, timeout_s=timeout_s, **grader_kwargs)
         self.length_check = None  # the LengthCheck of the last pairing call, its tokenizer loaded
         self.tokenizer_loads = 0
@@ -63,6 +67,9 @@ class GraderActor:
         """graded → pairs and skips as one table (wpo_ray/pairing.py). `too_long`: a LengthCheck;
         the one held is kept while the check is the same (its tokenizer already loaded)."""
         failpoint("grader.pair")
+        if self._preload is not None:
+            self._preload.join()
+            self._preload = None
         if too_long is not None:
             if self.length_check is None or self.length_check.key() != too_long.key():
                 self.length_check = too_long
