@@ -168,7 +168,7 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
     """Run (or resume) the sampling half of round r with the policy at `policy_path`.
 
     `pool` is the run's SamplerPool and `graders` its GraderPool (both kept across rounds); what is
-    not given is started when needed and, for the graders, shut down on return. Returns the round's
+    not given is started when needed and shut down on return. Returns the round's
     pair/skip accounting.
     """
     import ray.data
@@ -176,7 +176,7 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
     data_context()
     s = cfg.sampling
     n_prompts = prompts_stage(cfg, run, r, policy_path)
-    own_graders = graders is None
+    own_pool, own_graders = pool is None, graders is None
 
     def grader_pool():
         nonlocal graders
@@ -216,6 +216,8 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
         run.stage(r, "samples", samples)
         run.stage(r, "graded", graded)
         return pairs_stage(run, r, pairs_and_skips)
-    finally:
+    finally:  # what this call started, it stops (their CPUs are held until then)
         if own_graders and graders is not None:
             graders.shutdown()
+        if own_pool and pool is not None:
+            pool.shutdown()
