@@ -88,7 +88,8 @@ def write_in_order(ds, out: Path, schema: pa.Schema, key: str = "prompt_id") -> 
 
 def read_in_order(path: Path, key: str = "prompt_id"):
     """A Ray dataset of the Parquet files in `path`, rows in `key` order: the files read in the order
-    of their key ranges when those do not overlap (no shuffle), else sorted."""
+    of their key ranges when those do not overlap (no shuffle), else sorted. For files written in
+    no particular order (a streamed round's parts); a stage's own output needs none of this."""
     import ray.data
 
     files = ordered_files(path, key, reorder=True)
@@ -201,13 +202,14 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
                     backend=s.backend, placement={"samplers": pool.placement})
 
     def graded(out) -> dict:
-        ds = grader_pool().grade_stage(read_in_order(run.output(r, "samples")))
+        # A stage's own output is in order already (write_in_order): read as Ray Data lists it.
+        ds = grader_pool().grade_stage(ray.data.read_parquet(str(run.output(r, "samples"))))
         return dict(rows=write_in_order(ds, out("graded"), contracts.GRADED))
 
     def pairs_and_skips():
         # One pairing pass over the graded table, kept in the object store (not the driver) and
         # split into the two outputs.
-        both = grader_pool().pair_stage(read_in_order(run.output(r, "graded")), r, cfg.weighting,
+        both = grader_pool().pair_stage(ray.data.read_parquet(str(run.output(r, "graded"))), r, cfg.weighting,
                                         length_check(cfg, policy_path)).materialize()
         return tuple(both.map_batches(lambda t, i=i: split_pairs_and_skips(t)[i], batch_format="pyarrow")
                      for i in (0, 1))
