@@ -43,6 +43,26 @@ ARMS: dict[str, list[str]] = {
 }
 
 
+#: Step metrics summarised per round, where the loss logs them (γ-PO margins, FocalPO's factor).
+STEP_METRICS = ("gamma_po/margin_mean", "gamma_po/margin_std", "focal/factor_mean", "rewards/accuracy")
+
+
+def train_metrics(path: Path) -> dict:
+    """Mean over a round's optimizer steps of each of STEP_METRICS the steps logged, and the
+    spread of the γ-PO margins: mean of the per-batch std, and the min/max of the batch means."""
+    if not path.is_file():
+        return {}
+    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = {}
+    for key in STEP_METRICS:
+        vals = [s[key] for s in steps if key in s]
+        if vals:
+            out[key.replace("/", "_")] = statistics.fmean(vals)
+            if key == "gamma_po/margin_mean":
+                out["gamma_po_margin_mean_min"], out["gamma_po_margin_mean_max"] = min(vals), max(vals)
+    return out
+
+
 def run_summary(run_dir: Path) -> dict:
     """Per-round accuracy, pairs and weights of a finished run directory."""
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
@@ -59,7 +79,8 @@ def run_summary(run_dir: Path) -> dict:
             w = pq.read_table(pairs_dir, columns=["weight"]).column("weight").to_pylist()
             row.update(pairs=info["pairs"], skips=info["skips"], skip_reasons=info["skip_reasons"],
                        weight_mean=statistics.fmean(w) if w else None, weight_min=min(w, default=None),
-                       weight_max=max(w, default=None), train_steps=stages[f"round-{r:03d}/train"]["steps"])
+                       weight_max=max(w, default=None), train_steps=stages[f"round-{r:03d}/train"]["steps"],
+                       **train_metrics(run_dir / f"round-{r:03d}" / "train" / "metrics.jsonl"))
         rounds.append(row)
         r += 1
     return {"rounds": rounds}
