@@ -58,7 +58,7 @@ def main() -> None:
 
     if args.fresh:
         t0 = time.perf_counter()
-        fresh = VLLMSampler(args.fresh, EngineConfig(gpu_memory_utilization=0.05), seed=0, max_model_len=64)
+        fresh = VLLMSampler(args.fresh, EngineConfig(kv_cache_memory_bytes=1 << 28), seed=0, max_model_len=64)
         print(json.dumps({"seconds": time.perf_counter() - t0, "greedy": greedy(fresh)}))
         return
 
@@ -72,7 +72,7 @@ def main() -> None:
         b = save_model(Path(tmp) / "b" / "policy", args.hidden, args.layers, seed=1)
         for d in (a, b):
             write_manifest(Path(d).parent, 0)
-        engine = EngineConfig(gpu_memory_utilization=0.05)  # as configs/tiny-cpu.yaml
+        engine = EngineConfig(kv_cache_memory_bytes=1 << 28)  # as configs/tiny-cpu.yaml
         t0 = time.perf_counter()
         sampler = VLLMSampler(a, engine, seed=0, max_model_len=64)
         first_start = time.perf_counter() - t0

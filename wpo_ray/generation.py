@@ -70,6 +70,8 @@ class VLLMSampler:
             enforce_eager=engine.enforce_eager,
             trust_remote_code=trust_remote_code,
         )
+        if engine.kv_cache_memory_bytes is not None:
+            self._engine_kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
         if self.can_sleep:
             self._engine_kwargs["enable_sleep_mode"] = True
         in_process = current_platform.is_cpu() if engine.in_process is None else engine.in_process
