@@ -9,14 +9,15 @@ per round give or take the pairs each round yields (uniform and weighted build t
 the same samples in round 1; later rounds sample diverging policies).
 
 What is kept, per run, in `<out>/<arm>-s<seed>.json`: the config overrides, per-round greedy and
-maj@N accuracy on the test split, overall and by bucket, the round's pairs, skips and skip
+maj@N accuracy on the test split, overall and by bucket, greedy accuracy on the dev split, the round's pairs, skips and skip
 reasons, the weight mean/min/max, and the wall time. A run whose JSON exists is not rerun; an
 interrupted run resumes where it stopped (its run directory is kept under `<out>/runs/`). The
 table printed at the end gives, per arm, mean ± std over seeds of the last round's greedy accuracy
 (overall and by bucket) and its gain over round 0, and per seed the paired difference of each arm
 against the first one.
 
-The test split is used only to report: nothing here chooses a setting from these numbers.
+Every round is evaluated on the dev split too (`eval.dev=true`): settings are chosen on it, and
+the test split is used only to report.
 
     .venv/bin/python experiments/pipeline.py [--seeds 0,1,2] [--arms weighted,uniform] \\
         [--config configs/tiny-cpu.yaml] [--out experiments/results/pipeline] [-- extra overrides]
@@ -40,6 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ARMS: dict[str, list[str]] = {
     "weighted": ["weighting.scheme=difficulty"],
     "uniform": ["weighting.scheme=uniform"],
+    # A wider spread of weights (1 to 5 instead of 1 to 2): the uniform arm is the same for any α.
+    "weighted-a4": ["weighting.scheme=difficulty", "weighting.alpha=4"],
+    # The baselines a preference loss has to beat, on the same questions and pairing rule (a
+    # question needs a wrong sample), so at about the same number of optimizer steps: SFT on the
+    # gold worked solutions, and rejection-sampling fine-tuning on the policy's own correct samples.
+    "sft-gold": ["weighting.scheme=uniform", "weighting.chosen=gold", "train.loss.base=sft"],
+    "rft": ["weighting.scheme=uniform", "weighting.chosen=sampled", "train.loss.base=sft"],
 }
 
 
@@ -73,6 +81,8 @@ def run_summary(run_dir: Path) -> dict:
         row = {"round": r, "greedy": ev["greedy_accuracy"], "greedy_by_bucket": ev["greedy_by_bucket"],
                "maj": next((v for k, v in ev.items() if k.startswith("maj@")), None),
                "maj_by_bucket": ev.get("maj_by_bucket")}
+        if "dev" in ev:
+            row.update(dev_greedy=ev["dev"]["greedy_accuracy"], dev_greedy_by_bucket=ev["dev"]["greedy_by_bucket"])
         pairs_dir = run_dir / f"round-{r:03d}" / "pairs"
         if r > 0 and pairs_dir.is_dir():
             info = stages[f"round-{r:03d}/pairs"]
@@ -91,7 +101,8 @@ def run_one(config: str, arm: str, seed: int, extra: list[str], out: Path) -> di
     if result.is_file():
         return json.loads(result.read_text())
     run_dir = out / "runs" / f"{arm}-s{seed}"
-    overrides = [*ARMS[arm], f"run.seed={seed}", f"run.dir={run_dir}", *extra]
+    # eval.dev: every round is also evaluated on the dev split, which settings are chosen on.
+    overrides = [*ARMS[arm], f"run.seed={seed}", f"run.dir={run_dir}", "eval.dev=true", *extra]
     cmd = [str(Path(sys.executable).parent / "wpo-ray"), "run", config, *overrides]
     print(f"[experiment] {arm} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
@@ -125,6 +136,13 @@ def table(results: dict[tuple[str, int], dict], arms: list[str], seeds: list[int
         by = ["  ".join(f"{_ms([r['rounds'][-1]['greedy_by_bucket'].get(b, 0.0) for r in runs]):>14}" for b in buckets)]
         lines.append(f"{arm:10} {len(runs):5}  {_ms(first)} -> {_ms(last):15} {_ms([b - a for a, b in zip(first, last)]):14} "
                      + by[0])
+    lines.append("")
+    lines.append("dev split, greedy accuracy after the last round (what settings are chosen on):")
+    for arm in arms:
+        runs = [results[(arm, s)] for s in seeds if (arm, s) in results]
+        dev = [r["rounds"][-1]["dev_greedy"] for r in runs if "dev_greedy" in r["rounds"][-1]]
+        first = [r["rounds"][0]["dev_greedy"] for r in runs if "dev_greedy" in r["rounds"][0]]
+        lines.append(f"  {arm:10} {len(dev)} seed(s): {_ms(first)} -> {_ms(dev)}")
     lines.append("")
     lines.append("per-round greedy accuracy, per seed:")
     for arm in arms:

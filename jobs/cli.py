@@ -117,6 +117,8 @@ def check_prompt_data(cfg, splits: tuple[str, ...]) -> None:
         cfg.data.round_window(prompts.num_rows, cfg.run.rounds, cfg.run.rounds)  # a pool big enough
     if "test" in splits:
         test_rows(plain)  # the evaluation's own loader: also refuses a missing data.test_path
+        if cfg.eval.dev:
+            test_rows(plain, split="dev")
 
 
 def preflight(args, cfg):

@@ -1,4 +1,5 @@
-"""Evaluate a policy: greedy accuracy and maj@N on the test split, through the pipeline's sampler."""
+"""Evaluate a policy: greedy accuracy and maj@N on the test split (and the dev split with eval.dev),
+through the pipeline's sampler."""
 
 from __future__ import annotations
 
@@ -11,13 +12,23 @@ from wpo_ray.rundir import RunDir, RunLayout
 log = logging.getLogger(__name__)
 
 
-def test_rows(cfg: Config, tokenizer=None) -> list[dict]:
-    from wpo_ray.prompts import load_prompts
+def test_rows(cfg: Config, tokenizer=None, split: str = "test") -> list[dict]:
+    """The questions evaluated: the test split, or the dev split that settings are chosen on."""
+    from wpo_ray.prompts import _chat, load_prompts
 
-    if cfg.data.source != "arithmetic" and not cfg.data.test_path:
-        raise ValueError("data.test_path is required to evaluate a file-based dataset")
-    table, _ = load_prompts(cfg.data, "test", tokenizer=tokenizer)
-    rows = table.to_pylist()
+    if cfg.data.source == "arithmetic" and split == "dev":
+        from wpo_ray.bootstrap import dev_rows
+
+        rows = dev_rows(cfg)
+        if cfg.data.chat_template:
+            for r, p in zip(rows, _chat([r["prompt"] for r in rows], tokenizer)):
+                r["prompt"] = p
+    else:
+        if cfg.data.source != "arithmetic" and not getattr(cfg.data, f"{split}_path"):
+            raise ValueError(f"data.{split}_path is required to evaluate a file-based dataset's {split} split"
+                             + (" (eval.dev is true)" if split == "dev" else ""))
+        table, _ = load_prompts(cfg.data, split, tokenizer=tokenizer)
+        rows = table.to_pylist()
     return rows[: cfg.eval.max_prompts] if cfg.eval.max_prompts else rows
 
 
@@ -37,11 +48,15 @@ def run_eval(cfg: Config, policy_path: str, sampler=None) -> dict:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=cfg.model.trust_remote_code)
-    rows = test_rows(cfg, tokenizer)
     grader = get_grader(cfg.grading.grader, timeout_s=cfg.grading.timeout_s)
     try:
-        result = evaluate(sampler, rows, grader, maj_n=cfg.eval.maj_n, max_tokens=cfg.eval.max_tokens,
-                          seed=cfg.run.seed, temperature=cfg.sampling.temperature)
+        def on(split: str) -> dict:
+            return evaluate(sampler, test_rows(cfg, tokenizer, split), grader, maj_n=cfg.eval.maj_n,
+                            max_tokens=cfg.eval.max_tokens, seed=cfg.run.seed, temperature=cfg.sampling.temperature)
+
+        result = on("test")
+        if cfg.eval.dev:
+            result["dev"] = on("dev")
     finally:
         grader.close()
     result["policy"] = policy_path
@@ -64,6 +79,9 @@ def eval_stage(cfg: Config, run: RunDir, r: int, policy: str, pool) -> dict:
     log.info("[round %d] eval: greedy %.3f%s by bucket %s", r, result["greedy_accuracy"],
              f", {maj.removesuffix('_accuracy')} {result[maj]:.3f}" if maj in result else "",
              result["greedy_by_bucket"])
+    if "dev" in result:
+        log.info("[round %d] eval (dev split): greedy %.3f by bucket %s", r, result["dev"]["greedy_accuracy"],
+                 result["dev"]["greedy_by_bucket"])
     return result
 
 

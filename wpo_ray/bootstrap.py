@@ -40,6 +40,25 @@ def bootstrap_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def sft_and_dev_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The bootstrap's SFT rows (the train split's first bootstrap.n_train) and its held-out dev
+    slice (the DEV_SIZE rows after them), which early stopping reads."""
+    from .arithmetic import make_split
+
+    rows = make_split(cfg.data.arithmetic, "train", n=cfg.bootstrap.n_train + DEV_SIZE)
+    return rows[:-DEV_SIZE], rows[-DEV_SIZE:]
+
+
+def dev_rows(cfg: Config) -> list[dict]:
+    """The arithmetic task's dev split (`eval.dev`): the bootstrap's held-out slice, less any
+    question a round samples (the train split's first data.arithmetic.n_train rows). Disjoint from
+    the test split by construction (the train split excludes it)."""
+    from .arithmetic import make_split
+
+    pool = {r["prompt"] for r in make_split(cfg.data.arithmetic, "train")}
+    return [r for r in sft_and_dev_rows(cfg)[1] if r["prompt"] not in pool]
+
+
 def bootstrap_dir(cfg: Config) -> Path:
     # Absolute: actors and train workers do not share the driver's working directory.
     return Path(cfg.bootstrap.cache_dir).absolute() / bootstrap_key(cfg)
@@ -98,8 +117,7 @@ def run_bootstrap(cfg: Config, force: bool = False) -> Path:
     torch.manual_seed(cfg.run.seed)
     tokenizer = build_char_tokenizer(ALPHABET)
     model = build_tiny_model(b.model, tokenizer, seed=cfg.run.seed)
-    rows = make_split(cfg.data.arithmetic, "train", n=b.n_train + DEV_SIZE)
-    train_rows, dev_rows = rows[:-DEV_SIZE], rows[-DEV_SIZE:]
+    train_rows, held_out = sft_and_dev_rows(cfg)
     test_rows = make_split(cfg.data.arithmetic, "test")
     grader = get_grader("arithmetic")
     max_tokens = cfg.sampling.max_tokens
@@ -129,7 +147,7 @@ def run_bootstrap(cfg: Config, force: bool = False) -> Path:
             loss_val = loss.item()
             if step % 100 == 0 or step == b.steps:
                 model.eval()
-                dev = evaluate(sampler, dev_rows, grader, max_tokens=max_tokens)
+                dev = evaluate(sampler, held_out, grader, max_tokens=max_tokens)
                 dev_acc, dev_by = dev["greedy_accuracy"], dev["greedy_by_bucket"]
                 by = " ".join(f"{k} {v:.2f}" for k, v in dev_by.items())
                 log.info(f"[bootstrap] step {step}/{b.steps} loss {loss_val:.3f} dev greedy acc {dev_acc:.3f} "

@@ -145,6 +145,7 @@ class DataConfig(_Strict):
     source: Literal["arithmetic", "jsonl", "parquet", "hf_disk"] = "arithmetic"
     train_path: Optional[str] = None
     test_path: Optional[str] = None
+    dev_path: Optional[str] = None  # only read with eval.dev
     fields: FieldMap = FieldMap()
     # Apply the tokenizer's chat template to each question.
     chat_template: bool = False
@@ -250,6 +251,12 @@ class WeightingConfig(_Strict):
     scheme: Literal["difficulty", "uniform"] = "difficulty"
     alpha: float = Field(1.0, ge=0)
     eps: float = Field(1e-6, gt=0)
+    # The chosen response of a pair. sampled_or_gold: the policy's most likely correct sample, the
+    # gold solution when no sample is correct (Ma et al.). gold: always the gold solution (with
+    # train.loss.base=sft, the SFT-on-gold baseline). sampled: only the policy's own correct
+    # samples; a question with none is a `none_correct` skip (with base sft, rejection-sampling
+    # fine-tuning). Either way a question needs a wrong sample, so every arm pairs the same questions.
+    chosen: Literal["sampled_or_gold", "gold", "sampled"] = "sampled_or_gold"
 
 
 class FocalConfig(_Strict):
@@ -273,7 +280,9 @@ class GammaPOConfig(_Strict):
 
 SIGMOID_BASES = ("dpo", "cdpo", "robust", "dpop", "simpo")
 MARGIN_BASES = SIGMOID_BASES + ("hinge",)
-LossBase = Literal["dpo", "cdpo", "robust", "hinge", "ipo", "dpop", "simpo"]
+# sft is no preference loss: the per-token NLL of the chosen response, times the pair's weight. It
+# is there as the baseline a preference loss has to beat (on gold or on the policy's own samples).
+LossBase = Literal["dpo", "cdpo", "robust", "hinge", "ipo", "dpop", "simpo", "sft"]
 
 
 # β where a loss's authors give one, for `train.loss.beta: null` (the default). SimPO's rewards
@@ -290,7 +299,7 @@ class LossConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     dpop_lambda: float = Field(50.0, ge=0)
     simpo_gamma: Optional[float] = Field(None, ge=0)  # null: β / 2 (Meng et al.'s γ/β = 0.5)
-    # margin: f(w·Δ − m) as Ma et al. write it; loss: w · f(Δ − m).
+    # margin: f(w·Δ − m) as Ma et al. write it; loss: w · f(Δ − m). sft has no margin: w · NLL.
     weight_placement: Literal["margin", "loss"] = "margin"
     focal: FocalConfig = FocalConfig()
     gamma_po: GammaPOConfig = GammaPOConfig()
@@ -319,7 +328,7 @@ class LossConfig(_Strict):
 
     @property
     def needs_reference(self) -> bool:
-        return self.base != "simpo"
+        return self.base not in ("simpo", "sft")
 
 
 class DeepSpeedConfig(_Strict):
@@ -382,6 +391,10 @@ class EvalConfig(_Strict):
     max_prompts: Optional[int] = Field(None, ge=1)
     maj_n: int = Field(8, ge=1)
     max_tokens: int = Field(16, ge=1)
+    # Also evaluate the dev split after every round (eval.json's "dev" entry): what settings are
+    # chosen on, so that the test split is only reported. The arithmetic task's dev split is the
+    # bootstrap's held-out slice; a file-based dataset names it in data.dev_path.
+    dev: bool = False
 
 
 class Config(_Strict):

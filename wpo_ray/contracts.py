@@ -17,6 +17,8 @@ CHOSEN_SOURCES = ("sampled", "gold")
 SKIP_REASONS = (
     "all_correct",  # nothing to learn: no wrong answer to reject
     "no_gold_and_none_correct",  # no correct sample and no gold solution to fall back on
+    "none_correct",  # weighting.chosen=sampled: no correct sample to choose
+    "no_gold",  # weighting.chosen=gold: the question has no gold solution or answer
     "empty_prompt",
     "no_samples",
     "bad_row",  # the loader refused the row (on_bad_row: skip); detail says why

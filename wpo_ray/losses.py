@@ -1,7 +1,7 @@
 """Weighted pairwise preference losses (docs/DESIGN.md).
 
 One entry point, `preference_loss`, computes any base loss (dpo, cdpo, robust, hinge, ipo, dpop,
-simpo) with the three plug-ins of this project composed on top:
+simpo; and sft, the supervised baseline: the chosen response's per-token NLL) with the three plug-ins of this project composed on top:
 
 - a per-pair difficulty weight w (Ma et al.), placed on the reward margin (`f(w·Δ − m)`) or on the
   loss (`w · f(Δ − m)`);
@@ -82,7 +82,7 @@ def _check_inputs(cfg: LossConfig, named: dict[str, Optional[Tensor]]) -> int:
         raise ValueError("non-finite values (NaN/inf) in loss inputs: " + ", ".join(nonfinite))
     if counts[-1]:
         raise ValueError(f"weights must be >= 0; {counts[-1]} negative entries")
-    if cfg.base in ("ipo", "simpo"):  # these divide by the response length
+    if cfg.base in ("ipo", "simpo", "sft"):  # these divide by the response length
         for n in ("chosen_lengths", "rejected_lengths"):
             k = int((present[n] <= 0).sum())
             if k:
@@ -96,7 +96,9 @@ def _check_inputs(cfg: LossConfig, named: dict[str, Optional[Tensor]]) -> int:
 def _rewards(cfg: LossConfig, pc, pr, rc, rr, lc, lr) -> tuple[Tensor, Tensor, Tensor]:
     """Implicit rewards of chosen and rejected, and the reward margin Δ (before w and targets)."""
     b = cfg.beta
-    if cfg.base == "simpo":  # length-normalised, reference-free
+    if cfg.base == "sft":  # no reward: per-token log-probs, so Δ still says which is ranked first
+        chosen, rejected = pc / lc, pr / lr
+    elif cfg.base == "simpo":  # length-normalised, reference-free
         chosen, rejected = b * pc / lc, b * pr / lr
     elif cfg.base == "ipo":  # per-token log-ratios, no β (β sets IPO's target 1/(2β) instead)
         chosen, rejected = (pc - rc) / lc, (pr - rr) / lr
@@ -181,9 +183,12 @@ def preference_loss(
         chosen_lengths, rejected_lengths, weights, margins,
     )
     chosen, rejected, delta = _rewards(cfg, pc, pr, rc, rr, lc, lr)
-    on_margin = cfg.weight_placement == "margin"
-    z = (w * delta if on_margin else delta) - _target_margin(cfg, margins)
-    losses = _base_loss(cfg, z)
+    on_margin = cfg.weight_placement == "margin" and cfg.base != "sft"
+    if cfg.base == "sft":  # the chosen response's per-token NLL; the rejected one is not trained on
+        z, losses = delta, -chosen
+    else:
+        z = (w * delta if on_margin else delta) - _target_margin(cfg, margins)
+        losses = _base_loss(cfg, z)
 
     factor = None
     if cfg.focal.gamma > 0:

@@ -110,8 +110,9 @@ def _nonblank(text: Optional[str]) -> bool:
     return text is not None and text.strip() != ""
 
 
-def _choose(row: dict, round: int) -> tuple[Optional[dict], Optional[dict]]:
-    """The pair without its weight, or a skip. Shared by pair_question and build_pairs."""
+def _choose(row: dict, round: int, mode: str = "sampled_or_gold") -> tuple[Optional[dict], Optional[dict]]:
+    """The pair without its weight, or a skip. `mode` is WeightingConfig.chosen: where the chosen
+    response comes from (a correct sample, else gold; always gold; only a correct sample)."""
     pid = row["prompt_id"]
     cols = {c: list(row.get(c) or []) for c in _PER_SAMPLE}  # a null list means no samples
     lengths = {c: len(v) for c, v in cols.items()}
@@ -136,12 +137,15 @@ def _choose(row: dict, round: int) -> tuple[Optional[dict], Optional[dict]]:
     if n_wrong == 0:
         return None, skip_record(pid, round, "all_correct", f"{n_correct}/{n} correct")
 
-    if correct:
+    gold = next((row[k] for k in ("gold_solution", "gold_answer") if _nonblank(row.get(k))), None)
+    if correct and mode != "gold":
         chosen, source = cols["responses"][_best(correct, means)], "sampled"
-    elif _nonblank(row.get("gold_solution")):
-        chosen, source = row["gold_solution"], "gold"
-    elif _nonblank(row.get("gold_answer")):
-        chosen, source = row["gold_answer"], "gold"
+    elif mode == "sampled":
+        return None, skip_record(pid, round, "none_correct", f"0/{n} correct (weighting.chosen=sampled)")
+    elif gold is not None:
+        chosen, source = gold, "gold"
+    elif mode == "gold":
+        return None, skip_record(pid, round, "no_gold", "no gold_solution or gold_answer (weighting.chosen=gold)")
     else:
         return None, skip_record(
             pid, round, "no_gold_and_none_correct", f"0/{n} correct and no gold_solution or gold_answer"
@@ -169,7 +173,7 @@ def _choose(row: dict, round: int) -> tuple[Optional[dict], Optional[dict]]:
         "prompt": row["prompt"],
         "chosen": chosen if chosen is not None else "",
         "rejected": rejected if rejected is not None else "",
-        "weight": None,  # filled by the caller: scalar in pair_question, vectorised in build_pairs
+        "weight": None,  # filled by the caller (_fill_weights), one numpy call per batch
         "n_samples": n,
         "n_correct": n_correct,
         "n_wrong": n_wrong,
@@ -210,7 +214,7 @@ def _outcomes(graded: pa.Table, round: int, weighting: WeightingConfig,
         raise ContractError(
             f"graded table lacks column(s) {missing}; columns present: {graded.column_names}"
         )
-    outcomes = [_choose(row, round) for row in graded.select(list(_NEEDED)).to_pylist()]
+    outcomes = [_choose(row, round, weighting.chosen) for row in graded.select(list(_NEEDED)).to_pylist()]
     if too_long is not None:
         for i, (pair, _) in enumerate(outcomes):
             why = pair and too_long(pair["prompt"], pair["chosen"], pair["rejected"])

@@ -322,11 +322,14 @@ def round_prompts(prompts: pa.Table, bad: pa.Table, cfg: DataConfig, rounds: int
 
 
 def load_prompts(
-    cfg: DataConfig, split: Literal["train", "test"], tokenizer=None
+    cfg: DataConfig, split: Literal["train", "test", "dev"], tokenizer=None
 ) -> tuple[pa.Table, pa.Table]:
-    """``(prompts, bad_rows)`` of one split: PROMPTS and SKIPS contract tables (see module doc)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    """``(prompts, bad_rows)`` of one split: PROMPTS and SKIPS contract tables (see module doc).
+    The arithmetic task's dev split depends on the bootstrap: `wpo_ray.bootstrap.dev_rows`."""
+    if split not in ("train", "test", "dev"):
+        raise ValueError(f"split must be 'train', 'test' or 'dev', got {split!r}")
+    if cfg.source == "arithmetic" and split == "dev":
+        raise ValueError("the arithmetic task's dev split comes from wpo_ray.bootstrap.dev_rows")
     if cfg.source == "arithmetic":
         n = cfg.arithmetic.n_train if split == "train" else cfg.arithmetic.n_test
         if cfg.max_prompts is not None:
@@ -338,7 +341,7 @@ def load_prompts(
         return arithmetic.to_prompts_table(rows), from_rows([], "skips")
 
     key = f"data.{split}_path"
-    raw_path = cfg.train_path if split == "train" else cfg.test_path
+    raw_path = {"train": cfg.train_path, "test": cfg.test_path, "dev": cfg.dev_path}[split]
     fallback = raw_path is None and split == "test" and cfg.source == "hf_disk"
     if fallback:  # a DatasetDict at train_path carries its own test split
         raw_path, key = cfg.train_path, "data.train_path (its 'test' split; data.test_path is unset)"

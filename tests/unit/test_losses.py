@@ -640,3 +640,34 @@ def test_low_precision_inputs_are_upcast():
     np.testing.assert_allclose(out.losses.detach().numpy(), expected, rtol=1e-5)
     out.loss.backward()
     assert pc.grad is not None and pc.grad.dtype == torch.bfloat16
+
+
+# -------------------------------------------------------------------------------------- sft baseline
+
+
+@pytest.mark.parametrize("placement", ["margin", "loss"])
+def test_sft_is_the_weighted_per_token_nll_of_chosen(placement):
+    """sft: w · (−π_w/|y_w|) whatever the placement (there is no margin to scale); no reference."""
+    cfg = LossConfig(base="sft", weight_placement=placement)
+    assert not cfg.needs_reference
+    w = np.array([1.0, 2.0, 0.5, 1.5])
+    out = preference_loss(cfg, t(PC), t(PR), None, None, t(LC), t(LR), t(w))
+    expected = w * (-PC / LC)
+    np.testing.assert_allclose(out.losses.numpy(), expected, rtol=1e-12)
+    assert out.loss.item() == pytest.approx(expected.mean(), rel=1e-12)
+    # The ranking metric still compares per-token log-probs of chosen and rejected.
+    assert out.metrics["rewards/accuracy"] == pytest.approx(np.mean(PC / LC > PR / LR))
+
+
+def test_sft_trains_chosen_only():
+    pc, pr = t(PC).requires_grad_(), t(PR).requires_grad_()
+    out = preference_loss(LossConfig(base="sft"), pc, pr, None, None, t(LC), t(LR), t(np.ones(4)))
+    out.loss.backward()
+    np.testing.assert_allclose(pc.grad.numpy(), -1.0 / (4 * LC), rtol=1e-12)
+    assert pr.grad is None or torch.count_nonzero(pr.grad) == 0
+
+
+@pytest.mark.parametrize("kw", [{"focal": FocalConfig(gamma=1.0)}, {"gamma_po": GammaPOConfig(enabled=True)}])
+def test_sft_refuses_the_preference_plugins(kw):
+    with pytest.raises(ValueError, match="sft"):
+        LossConfig(base="sft", **kw)

@@ -508,3 +508,45 @@ def test_a_pair_too_long_to_train_becomes_a_too_long_skip_and_every_row_is_accou
     assert both[0].equals(pairs) and both[1].equals(skips)
     # The surviving pair's weight is what it is without the check.
     assert pairs.column("weight").to_pylist() == build_pairs(graded, 1, DIFF)[0].column("weight").to_pylist()[:1]
+
+
+# ------------------------------------------------------------------------------ where chosen comes from
+
+
+def _graded_row(verdicts, gold_solution="3+4|7", gold_answer="7"):
+    n = len(verdicts)
+    return {
+        "prompt_id": "q", "round": 1, "prompt": "3+4=", "gold_answer": gold_answer, "gold_solution": gold_solution,
+        "responses": [f"r{i}" for i in range(n)], "response_logps": [-1.0 - i for i in range(n)],
+        "response_lengths": [2] * n, "verdicts": verdicts, "extracted": ["7" if v == "correct" else "8" for v in verdicts],
+    }
+
+
+@pytest.mark.parametrize("mode, verdicts, expect", [
+    # Ma et al.: a correct sample when there is one, else the gold solution.
+    ("sampled_or_gold", ["wrong", "correct", "wrong"], ("r1", "sampled")),
+    ("sampled_or_gold", ["wrong", "wrong"], ("3+4|7", "gold")),
+    # SFT on gold: gold even when the policy got it right.
+    ("gold", ["wrong", "correct", "wrong"], ("3+4|7", "gold")),
+    ("gold", ["wrong", "wrong"], ("3+4|7", "gold")),
+    # RFT: only the policy's own correct samples; none is a skip, never gold.
+    ("sampled", ["wrong", "correct", "wrong"], ("r1", "sampled")),
+    ("sampled", ["wrong", "wrong"], ("skip", "none_correct")),
+    # Every mode needs a wrong sample: the same questions are paired whatever the chosen side.
+    ("gold", ["correct", "correct"], ("skip", "all_correct")),
+    ("sampled", ["correct", "correct"], ("skip", "all_correct")),
+])
+def test_chosen_mode(mode, verdicts, expect):
+    pair, skip = pair_question(_graded_row(verdicts), 1, WeightingConfig(chosen=mode))
+    if expect[0] == "skip":
+        assert pair is None and skip["reason"] == expect[1]
+    else:
+        assert skip is None and (pair["chosen"], pair["chosen_source"]) == expect
+        assert pair["rejected"] in ("r0", "r2", "r1")  # a wrong sample, whatever the chosen side
+        assert pair["rejected_answer"] == "8"
+
+
+def test_chosen_gold_without_a_gold_is_a_skip_naming_the_mode():
+    pair, skip = pair_question(_graded_row(["correct", "wrong"], gold_solution=None, gold_answer=None), 1,
+                               WeightingConfig(chosen="gold"))
+    assert pair is None and skip["reason"] == "no_gold" and "weighting.chosen=gold" in skip["detail"]
