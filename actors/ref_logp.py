@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 
 from wpo_ray.cluster import log_placement
+from wpo_ray.failpoints import failpoint
 from wpo_ray.generation import load_hf_policy
 from wpo_ray.integrity import verify_policy_dir
 from wpo_ray.logs import setup_worker_logging
@@ -40,6 +41,7 @@ class RefLogpActor:
     def logps(self, batch: pa.Table, model_path: str) -> pa.Table:
         """The batch with reference log-probs under `model_path` (loaded first if it is not the
         model held: a new reference, or an actor Ray restarted with the model it was created with)."""
+        failpoint("ref_logp.logps")
         if model_path != self.model_path:
             self._load(model_path)
         return self(batch)
@@ -64,7 +66,10 @@ class RefLogpActor:
 
 class ReferencePool:
     """`train.reference.num_actors` RefLogpActors, started on `model_path` and kept until `shutdown`.
-    A restarted actor (Ray restarts it once) reloads the reference each call names."""
+    Ray restarts a dead actor as often as it dies (it holds nothing but the model, which it loads
+    again) and retries the call it was in twice; the restarted actor reloads the reference each
+    call names. A reference log-prob is a pure function of the model and the pair, so a retried
+    batch gives what the first try would have."""
 
     def __init__(self, cfg, model_path: str):
         import ray
@@ -73,7 +78,7 @@ class ReferencePool:
 
         ref = cfg.train.reference
         remote = ray.remote(num_cpus=ref.num_cpus_per_actor, num_gpus=ref.num_gpus_per_actor,
-                            max_restarts=1, max_task_retries=1)(RefLogpActor)
+                            max_restarts=-1, max_task_retries=2)(RefLogpActor)
         self.actors = [remote.remote(model_path, cfg.model.dtype, cfg.model.trust_remote_code, train_max_length(cfg),
                                      ref.micro_batch_size, max(1, int(ref.num_cpus_per_actor)), ref.num_gpus_per_actor > 0)
                        for _ in range(ref.num_actors)]

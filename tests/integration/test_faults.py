@@ -178,3 +178,35 @@ def test_a_grader_killed_while_grading_and_while_pairing_gives_the_round_an_undi
     for out in ("graded", "pairs", "skips"):
         a = pq.read_table(tmp_path / "clean" / "round-001" / out)
         assert pq.read_table(tmp_path / "killed" / "round-001" / out).equals(a), out
+
+
+def test_a_reference_actor_killed_mid_stage_gives_the_log_probs_an_undisturbed_one_gives(
+        ray_session, tiny_cfg_factory, tiny_policy, arithmetic_pairs, failpoints):
+    """The RefLogp actor SIGKILLed in its second batch: Ray restarts it, the restarted actor loads
+    the reference again and the batch is retried, so every pair gets the reference log-probs an
+    undisturbed pool computes, none lost or doubled."""
+    import numpy as np
+    import pyarrow as pa
+    import ray
+
+    from actors.ref_logp import ReferencePool
+
+    cfg = tiny_cfg_factory("train.reference.batch_size=16")  # 48 pairs: three batches
+    pairs = pq.read_table(Path(arithmetic_pairs) / "pairs.parquet")
+
+    def with_ref_logps() -> pa.Table:
+        pool = ReferencePool(cfg, tiny_policy)
+        try:
+            ds = pool.stage(ray.data.from_arrow(pairs), tiny_policy, streamed=False)
+            return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("prompt_id")
+        finally:
+            pool.shutdown()
+
+    clean = with_ref_logps()
+    arm(failpoints, "ref_logp.logps", hit=2)
+    killed = with_ref_logps()
+    assert fired(failpoints, "ref_logp.logps"), "nothing was tested"
+    assert killed.column("prompt_id").to_pylist() == sorted(pairs.column("prompt_id").to_pylist())
+    for col in ("ref_chosen_logp", "ref_rejected_logp"):
+        np.testing.assert_allclose(killed.column(col).to_numpy(), clean.column(col).to_numpy(), rtol=1e-9)
+        assert np.all(clean.column(col).to_numpy() < 0)
