@@ -301,6 +301,10 @@ class LossConfig(_Strict):
     simpo_gamma: Optional[float] = Field(None, ge=0)  # null: β / 2 (Meng et al.'s γ/β = 0.5)
     # margin: f(w·Δ − m) as Ma et al. write it; loss: w · f(Δ − m). sft has no margin: w · NLL.
     weight_placement: Literal["margin", "loss"] = "margin"
+    # Iterative RPO's NLL term (Pang et al. 2024; TRL's rpo_alpha): + nll_weight · (−π_w/|y_w|) per
+    # pair, the chosen response's per-token NLL, inside the pair's weight under either placement
+    # (under margin placement it is added unweighted). 0: the base loss alone.
+    nll_weight: float = Field(0.0, ge=0)
     focal: FocalConfig = FocalConfig()
     gamma_po: GammaPOConfig = GammaPOConfig()
 
@@ -320,6 +324,8 @@ class LossConfig(_Strict):
                 f"gamma_po needs a base whose loss takes a target margin {MARGIN_BASES}; "
                 f"base {self.base!r} regresses the margin to a fixed value"
             )
+        if self.nll_weight > 0 and self.base == "sft":
+            raise ValueError("nll_weight adds the chosen response's NLL to a preference loss; base 'sft' is that NLL")
         if self.label_smoothing > 0 and self.base not in ("cdpo", "robust"):
             raise ValueError(
                 f"label_smoothing applies only to base cdpo or robust, not {self.base!r}"

@@ -6,7 +6,8 @@ simpo; and sft, the supervised baseline: the chosen response's per-token NLL) wi
 - a per-pair difficulty weight w (Ma et al.), placed on the reward margin (`f(w·Δ − m)`) or on the
   loss (`w · f(Δ − m)`);
 - FocalPO's modulating factor p^γ_f with p = σ(z), z the logit inside the sigmoid;
-- γ-PO per-pair target margins m_i, computed from detached reward gaps by `GammaPOMargins`.
+- γ-PO per-pair target margins m_i, computed from detached reward gaps by `GammaPOMargins`;
+- RPO's NLL term on the chosen response (`nll_weight`), for any preference base.
 
 Everything here is pure torch and Ray-free. Inputs are [B] tensors of *summed* log-probs over the
 response tokens, so one pair is one entry; nothing loops over pairs in Python.
@@ -82,7 +83,7 @@ def _check_inputs(cfg: LossConfig, named: dict[str, Optional[Tensor]]) -> int:
         raise ValueError("non-finite values (NaN/inf) in loss inputs: " + ", ".join(nonfinite))
     if counts[-1]:
         raise ValueError(f"weights must be >= 0; {counts[-1]} negative entries")
-    if cfg.base in ("ipo", "simpo", "sft"):  # these divide by the response length
+    if cfg.base in ("ipo", "simpo", "sft") or cfg.nll_weight > 0:  # these divide by the response length
         for n in ("chosen_lengths", "rejected_lengths"):
             k = int((present[n] <= 0).sum())
             if k:
@@ -197,6 +198,8 @@ def preference_loss(
         if cfg.focal.detach:
             factor = factor.detach()
         losses = losses * factor
+    if cfg.nll_weight > 0:  # RPO: keep the chosen response likely while the margin grows
+        losses = losses + cfg.nll_weight * (-pc / lc)
     if not on_margin:
         losses = w * losses
     loss = losses.mean()

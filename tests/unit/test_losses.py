@@ -671,3 +671,20 @@ def test_sft_trains_chosen_only():
 def test_sft_refuses_the_preference_plugins(kw):
     with pytest.raises(ValueError, match="sft"):
         LossConfig(base="sft", **kw)
+
+
+@pytest.mark.parametrize("placement", ["margin", "loss"])
+@pytest.mark.parametrize("base", ["dpo", "ipo", "simpo"])
+def test_nll_weight_adds_the_chosen_per_token_nll(base, placement):
+    """RPO: per pair f(·) + λ_nll · (−π_w/|y_w|), the sum inside the weight under loss placement."""
+    w = np.array([1.0, 2.0, 0.5, 1.5])
+    plain = run(cfg_for(base, weight_placement=placement), w=w).losses.numpy()
+    rpo = run(cfg_for(base, weight_placement=placement, nll_weight=0.7), w=w).losses.numpy()
+    nll = -PC / LC
+    expected = plain + (w if placement == "loss" else 1.0) * 0.7 * nll
+    np.testing.assert_allclose(rpo, expected, rtol=1e-12)
+
+
+def test_nll_weight_on_sft_is_refused():
+    with pytest.raises(ValueError, match="nll_weight"):
+        LossConfig(base="sft", nll_weight=1.0)
