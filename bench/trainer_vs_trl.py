@@ -31,6 +31,13 @@ and the ratios ours/TRL (steps vs train(), steady vs steady, total vs whole).
 
     .venv/bin/python bench/trainer_vs_trl.py [--pairs 256 --batch 8 --workers 1 --repeats 1]
     .venv/bin/python bench/trainer_vs_trl.py --hidden 512 --layers 4 --workers 1,2
+    .venv/bin/python bench/trainer_vs_trl.py --rounds 3    # iterative: ours one trainer group, TRL per round
+
+With --rounds R both sides train R rounds on the same pairs, round r from round r-1's policy
+against the initial reference: ours through one trainer group (the main job's default), TRL as a
+user would script it (load the last policy and the reference, set up DPOTrainer, train(), save).
+"whole" then sums TRL's load + set-up + train() + save over the rounds, and "total" is ours from
+the group's start to the last round's checkpoint.
 """
 
 from __future__ import annotations
@@ -95,15 +102,27 @@ def child_ours(a) -> dict:
     ])
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     init_ray(cfg.ray)
-    work = Path(a.work) / "work"
     t0 = time.perf_counter()
-    info = run_training(cfg, a.pairs_dir, Path(a.work) / "out", a.policy, a.policy, work)
+    group, policy, metrics, round_s = None, a.policy, [], []
+    if a.rounds > 1:  # as the main job trains its rounds: one group for all of them (run.trainers: persistent)
+        from pipeline.training import TrainerGroup
+
+        group = TrainerGroup(cfg, Path(a.work) / "trainers")
+    try:
+        for r in range(1, a.rounds + 1):  # round r trains round r-1's policy against the initial reference
+            work, out = Path(a.work) / f"work-{r}", Path(a.work) / f"out-{r}"
+            info = run_training(cfg, a.pairs_dir, out, policy, a.policy, work, group=group, round_idx=r)
+            policy = str(out / "policy")
+            metrics += [json.loads(x) for x in (work / METRICS_FILE).read_text().splitlines() if x.strip()]
+            round_s.append(time.perf_counter() - t0 - sum(round_s))
+    finally:
+        if group is not None:
+            group.close()
     total = time.perf_counter() - t0
-    metrics = [json.loads(x) for x in (work / METRICS_FILE).read_text().splitlines() if x.strip()]
     import ray
 
     ray.shutdown()
-    return {"total_s": total, "steps": info["steps"], "step_seconds": [m["step_seconds"] for m in metrics],
+    return {"total_s": total, "round_s": round_s, "steps": info["steps"], "step_seconds": [m["step_seconds"] for m in metrics],
             "metric_tokens": sum(m["tokens_per_s"] * m["step_seconds"] for m in metrics),
             "first_loss": metrics[0]["loss"], "last_loss": metrics[-1]["loss"], "threads_per_worker": threads,
             "zero_stage": zero_stage(cfg)}
@@ -112,18 +131,40 @@ def child_ours(a) -> dict:
 def child_trl(a) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(a.threads)
     pairs = json.loads(Path(a.pairs_json).read_text())
     ds = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    if a.rounds > 1:  # iterative DPO with TRL: each round loads the last one's policy and saves its own
+        rounds, policy = [], a.policy
+        for r in range(1, a.rounds + 1):
+            t0 = time.perf_counter()
+            one = trl_round(a, ds, policy, Path(a.work) / f"round-{r}")
+            rounds.append(dict(one, round_s=time.perf_counter() - t0))
+            policy = str(Path(a.work) / f"round-{r}" / "policy")
+        keep = ("tokens", "exact_epoch", "train_loss", "threads")
+        return {**{k: rounds[-1][k] for k in keep}, "train_s": sum(x["train_s"] for x in rounds),
+                "setup_s": sum(x["setup_s"] for x in rounds), "load_s": sum(x["load_s"] for x in rounds),
+                "save_s": sum(x["save_s"] for x in rounds), "round_s": [x["round_s"] for x in rounds],
+                "step_seconds": [s for x in rounds for s in x["step_seconds"]]}
+    return trl_round(a, ds, a.policy, Path(a.work) / "trl")
+
+
+def trl_round(a, ds, policy: str, out: Path) -> dict:
+    """Load `policy` (and, after round 1, the initial reference), set up DPOTrainer, train(); and,
+    when rounds follow, save the policy for the next one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
     t_load = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(a.policy)
-    model = AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    # The reference is the initial policy in every round, as in ours (run.reference: initial).
+    ref = None if policy == a.policy else AutoModelForCausalLM.from_pretrained(a.policy, dtype=torch.float32)
     load_s = time.perf_counter() - t_load
     args = DPOConfig(
-        output_dir=str(Path(a.work) / "trl"), per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
+        output_dir=str(out), per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
         max_steps=a.steps, num_train_epochs=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=1,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", beta=a.beta, loss_type=["sigmoid"],
         bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, max_length=None,
@@ -144,18 +185,23 @@ def child_trl(a) -> dict:
 
     cb = StepTimes()
     t0 = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[cb])
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok, callbacks=[cb])
     setup = time.perf_counter() - t0
     td = trainer.train_dataset
     per_row = [2 * len(p) + len(c) + len(r) for p, c, r in zip(td["prompt_ids"], td["chosen_ids"], td["rejected_ids"])]
     consumed = a.steps * a.batch
     tokens = sum(per_row) if consumed == len(per_row) else sum(per_row) / len(per_row) * consumed
     t0 = time.perf_counter()
-    out = trainer.train()
+    result = trainer.train()
     train_s = time.perf_counter() - t0
     steps = [b - a_ for a_, b in zip(cb.stamps, cb.stamps[1:])]
-    return {"train_s": train_s, "setup_s": setup, "load_s": load_s, "tokens": tokens, "step_seconds": steps,
-            "exact_epoch": consumed == len(per_row), "train_loss": out.training_loss, "threads": a.threads}
+    t0 = time.perf_counter()
+    if a.rounds > 1:
+        trainer.save_model(str(out / "policy"))
+    save_s = time.perf_counter() - t0
+    return {"train_s": train_s, "setup_s": setup, "load_s": load_s, "save_s": save_s, "tokens": tokens,
+            "step_seconds": steps, "exact_epoch": consumed == len(per_row), "train_loss": result.training_loss,
+            "threads": a.threads}
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -175,6 +221,9 @@ def main() -> int:
                     help="our DeepSpeed ZeRO stage (the project's default is 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="paired TRL/ours runs, alternating; ratios are their median")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="iterative rounds on the same pairs: ours one trainer group for all of them (the main "
+                         "job's run.trainers=persistent); TRL load + set-up + train() + save per round")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="show the children's logs")
     ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -220,7 +269,7 @@ def main() -> int:
                        "--pairs-dir", str(pairs_dir), "--pairs-json", str(tmp / "pairs.json"),
                        "--work", str(tmp / f"{kind}-{w}-{rep}"), "--steps", str(steps), "--workers-n", str(w),
                        "--batch", str(a.batch), "--zero-stage", str(a.zero_stage), "--beta", str(a.beta),
-                       "--lr", str(a.lr), "--threads", str(a.threads), "--seed", str(a.seed)]
+                       "--lr", str(a.lr), "--threads", str(a.threads), "--seed", str(a.seed), "--rounds", str(a.rounds)]
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
                 proc_s = time.perf_counter() - t0
@@ -237,29 +286,33 @@ def main() -> int:
 
     print()
     fig: dict = {}
+    R = a.rounds  # every figure is over all rounds: R times the pairs' tokens
     for r in results.get(("trl", 1), []):
         steady = median(r["step_seconds"][1:])
-        whole = r["load_s"] + r["setup_s"] + r["train_s"]
-        f = dict(train=r["tokens"] / r["train_s"], steady=r["tokens"] / r["steps_n"] / steady, whole=r["tokens"] / whole)
+        whole = r["load_s"] + r["setup_s"] + r["train_s"] + r.get("save_s", 0.0)
+        f = dict(train=R * r["tokens"] / r["train_s"], steady=r["tokens"] / r["steps_n"] / steady,
+                 whole=R * r["tokens"] / whole)
         fig.setdefault("trl", []).append(f)
         print(f"TRL DPOTrainer ({r['threads']} threads): {r['steps_n']} steps, tokens {r['tokens']:.0f} "
               f"{'(exact epoch)' if r['exact_epoch'] else '(scaled)'}; train() {r['train_s']:.2f}s -> "
               f"{f['train']:8.0f} tok/s; median step {steady * 1e3:.1f} ms -> steady {f['steady']:8.0f} tok/s; "
-              f"whole (load {r['load_s']:.1f}s + set-up {r['setup_s']:.1f}s + train()) {whole:.2f}s -> "
-              f"{f['whole']:8.0f} tok/s; train loss {r['train_loss']:.4f}")
+              f"whole (load {r['load_s']:.1f}s + set-up {r['setup_s']:.1f}s + train()"
+              + (f" + save {r['save_s']:.1f}s; rounds " + ", ".join(f"{x:.1f}s" for x in r["round_s"]) if R > 1 else "")
+              + f") {whole:.2f}s -> {f['whole']:8.0f} tok/s; train loss {r['train_loss']:.4f}")
     for (kind, w), rs in results.items():
         if kind != "ours":
             continue
         for r in rs:
             steps_s = sum(r["step_seconds"])
             steady = median(r["step_seconds"][1:])
-            f = dict(total=tokens / r["total_s"], steps=tokens / steps_s, steady=tokens / r["steps_n"] / steady)
+            f = dict(total=R * tokens / r["total_s"], steps=R * tokens / steps_s, steady=tokens / r["steps_n"] / steady)
             fig.setdefault(("ours", w), []).append(f)
             print(f"ours, {w} worker(s) x {r['threads_per_worker']} thread(s), DeepSpeed ZeRO-{r['zero_stage']}: "
-                  f"{r['steps_n']} steps, tokens {tokens} (metrics.jsonl says {r['metric_tokens']:.0f}); "
+                  f"{r['steps_n']} steps per round, tokens {R * tokens} (metrics.jsonl says {r['metric_tokens']:.0f}); "
                   f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}\n"
                   f"    total run_training {r['total_s']:.1f}s -> {f['total']:8.0f} tok/s (Ray Train start-up, RefLogp "
-                  f"stage, checkpoint included)\n"
+                  f"stage, checkpoint included" + (f"; rounds " + ", ".join(f"{x:.1f}s" for x in r["round_s"])
+                                                   if R > 1 else "") + ")\n"
                   f"    steps only {steps_s:.2f}s (first step {r['step_seconds'][0]:.2f}s) -> {f['steps']:8.0f} tok/s "
                   f"(reference log-probs computed before)\n"
                   f"    median step {steady * 1e3:.1f} ms -> steady {f['steady']:8.0f} tok/s")
