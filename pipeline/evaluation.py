@@ -14,14 +14,14 @@ log = logging.getLogger(__name__)
 
 def test_rows(cfg: Config, tokenizer=None, split: str = "test") -> list[dict]:
     """The questions evaluated: the test split, or the dev split that settings are chosen on."""
-    from wpo_ray.prompts import _chat, load_prompts
+    from wpo_ray.prompts import chat_prompts, load_prompts
 
     if cfg.data.source == "arithmetic" and split == "dev":
         from wpo_ray.bootstrap import dev_rows
 
         rows = dev_rows(cfg)
         if cfg.data.chat_template:
-            for r, p in zip(rows, _chat([r["prompt"] for r in rows], tokenizer)):
+            for r, p in zip(rows, chat_prompts([r["prompt"] for r in rows], tokenizer)):
                 r["prompt"] = p
     else:
         if cfg.data.source != "arithmetic" and not getattr(cfg.data, f"{split}_path"):

@@ -275,7 +275,7 @@ def _read_hf_disk(path: Path, cfg: DataConfig, split: str, key: str, need_split:
 # ------------------------------------------------------------------------------------ entry point
 
 
-def _chat(prompts: list[str], tokenizer) -> list[str]:
+def chat_prompts(prompts: list[str], tokenizer) -> list[str]:
     if tokenizer is None:
         raise PromptDataError("data.chat_template is true but no tokenizer was given to load_prompts")
     out = []
@@ -336,7 +336,7 @@ def load_prompts(
             n = min(n, cfg.max_prompts)
         rows = arithmetic.make_split(cfg.arithmetic, split, n=n)
         if cfg.chat_template:
-            for r, p in zip(rows, _chat([r["prompt"] for r in rows], tokenizer)):
+            for r, p in zip(rows, chat_prompts([r["prompt"] for r in rows], tokenizer)):
                 r["prompt"] = p
         return arithmetic.to_prompts_table(rows), from_rows([], "skips")
 
@@ -365,7 +365,7 @@ def load_prompts(
                     col.label, len(col.skips), col.skips[0]["detail"])
     rows = col.rows
     if cfg.chat_template:
-        for r, p in zip(rows, _chat([r["prompt"] for r in rows], tokenizer)):
+        for r, p in zip(rows, chat_prompts([r["prompt"] for r in rows], tokenizer)):
             r["prompt"] = p
     return from_rows(rows, "prompts"), from_rows(col.skips, "skips")
 
