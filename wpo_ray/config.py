@@ -290,6 +290,7 @@ LossBase = Literal["dpo", "cdpo", "robust", "hinge", "ipo", "dpop", "simpo", "sf
 # 2.0-2.5); DPO, DPOP, IPO and the rest are usually run at 0.1.
 DEFAULT_BETA: dict[str, float] = {"simpo": 2.0}
 DEFAULT_BETA_OTHERS = 0.1
+DEFAULT_LR = 5e-5  # train.lr when neither it nor train.lr_by_base gives one
 
 
 class LossConfig(_Strict):
@@ -380,7 +381,12 @@ class TrainConfig(_Strict):
     # Longest pair (prompt + response tokens) trained on; a longer one becomes a `too_long` skip,
     # never truncated. Default: the built-in tiny model's positions, else 2048.
     max_length: Optional[int] = Field(None, ge=2)
-    lr: float = Field(5e-5, gt=0)
+    # Peak learning rate. null: lr_by_base[train.loss.base] when the recipe names one, else
+    # DEFAULT_LR. Preference losses want different rates on the same task (DPO collapses a policy
+    # at a rate DPOP trains well with), so a recipe keeps one per loss and `train.loss.base=X`
+    # alone runs X at its own; an explicit train.lr wins.
+    lr: Optional[float] = Field(None, gt=0)
+    lr_by_base: dict[LossBase, float] = {}
     warmup_steps: int = Field(0, ge=0)
     # precomputed: a RefLogp actor stage adds ref_*_logp to the pairs; worker: reference on the worker.
     reference_logps: Literal["precomputed", "worker"] = "precomputed"
@@ -391,6 +397,16 @@ class TrainConfig(_Strict):
     max_failures: int = Field(1, ge=0)
     loss: LossConfig = LossConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+
+    @model_validator(mode="after")
+    def _lr(self) -> "TrainConfig":
+        bad = {k: v for k, v in self.lr_by_base.items() if not v > 0}
+        if bad:
+            raise ValueError(f"train.lr_by_base: learning rates must be > 0, got {bad}")
+        if self.lr is None:
+            self.lr = self.lr_by_base.get(self.loss.base, DEFAULT_LR)
+        return self
 
 
 class EvalConfig(_Strict):

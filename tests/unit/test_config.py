@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from wpo_ray.config import ConfigError, apply_override, load_config
+import re
+
+from wpo_ray.config import DEFAULT_LR, ConfigError, apply_override, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -237,3 +239,27 @@ def test_beta_and_simpo_gamma_default_to_the_loss_authors_values_and_an_explicit
     # The shipped default config leaves β to the base: switching the loss switches the β.
     assert load_config(ROOT / "configs" / "tiny-cpu.yaml", ["train.loss.base=simpo"]).train.loss.beta == 2.0
     assert load_config(ROOT / "configs" / "tiny-cpu.yaml").train.loss.beta == 0.1
+
+
+def test_lr_null_takes_the_recipe_s_rate_for_the_loss_and_an_explicit_lr_wins():
+    by_base = "train.lr_by_base={dpo: 3.0e-5, dpop: 1.0e-4}"
+    assert load_config(None, ["train.lr=null", by_base, "train.loss.base=dpo"]).train.lr == 3e-5
+    assert load_config(None, ["train.lr=null", by_base, "train.loss.base=dpop"]).train.lr == 1e-4
+    # A base the recipe does not name: the default; an explicit train.lr: that one.
+    assert load_config(None, ["train.lr=null", by_base, "train.loss.base=ipo"]).train.lr == DEFAULT_LR
+    assert load_config(None, ["train.lr=2e-4", by_base, "train.loss.base=dpo"]).train.lr == 2e-4
+
+
+@pytest.mark.parametrize("bad, says", [("train.lr_by_base={dpo: 0}", "must be > 0"),
+                                       ("train.lr_by_base={dpx: 1.0e-4}", "train.lr_by_base.dpx")])
+def test_lr_by_base_refuses_bad_entries_naming_the_key(bad, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(None, [bad])
+
+
+def test_tiny_default_learning_rates_per_loss():
+    """The embedded default's per-loss rates (chosen on the dev split: docs/RESULTS.md) reach the
+    trainer when only the base is overridden."""
+    for base in ("dpop", "dpo", "ipo", "simpo"):
+        cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"train.loss.base={base}"])
+        assert cfg.train.lr == cfg.train.lr_by_base[base]
