@@ -10,6 +10,7 @@ everything that determines the result: a rerun with the same config returns inst
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -52,11 +53,22 @@ def sft_and_dev_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
 def dev_rows(cfg: Config) -> list[dict]:
     """The arithmetic task's dev split (`eval.dev`): the bootstrap's held-out slice, less any
     question a round samples (the train split's first data.arithmetic.n_train rows). Disjoint from
-    the test split by construction (the train split excludes it)."""
-    from .arithmetic import make_split
+    the test split by construction (the train split excludes it). Generated once per process (every
+    round's evaluation asks for it); the caller gets its own copies of the rows."""
+    key = json.dumps(cfg.data.arithmetic.model_dump(mode="json"), sort_keys=True)
+    return [dict(r) for r in _dev_rows(key, cfg.bootstrap.n_train)]
 
-    pool = {r["prompt"] for r in make_split(cfg.data.arithmetic, "train")}
-    return [r for r in sft_and_dev_rows(cfg)[1] if r["prompt"] not in pool]
+
+@functools.lru_cache(maxsize=4)
+def _dev_rows(task_json: str, n_sft: int) -> tuple[dict, ...]:
+    from .arithmetic import make_split
+    from .config import ArithmeticTaskConfig
+
+    task = ArithmeticTaskConfig.model_validate_json(task_json)
+    # A split of n rows is a prefix of a longer one: one generation gives the rounds' pool too.
+    rows = make_split(task, "train", n=max(n_sft + DEV_SIZE, task.n_train))
+    pool = {r["prompt"] for r in rows[: task.n_train]}
+    return tuple(r for r in rows[n_sft : n_sft + DEV_SIZE] if r["prompt"] not in pool)
 
 
 def bootstrap_dir(cfg: Config) -> Path:
