@@ -58,6 +58,19 @@ def _mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, vals.tolist()))
 
 
+def _incarnation(world: int) -> str:
+    """An id of this start of the worker group, the same on every rank (rank 0 draws it): the feed
+    gives each start of the group its own split of a streamed round."""
+    import uuid
+
+    import torch.distributed as dist
+
+    mine = [uuid.uuid4().hex]
+    if world > 1 and dist.is_initialized():
+        dist.broadcast_object_list(mine, src=0)
+    return mine[0]
+
+
 def _gather_placement(world: int) -> list[dict]:
     """Every rank's node, in rank order (rank 0 records it with the checkpoint)."""
     import torch.distributed as dist
@@ -116,7 +129,7 @@ class Round:
     total_steps: int
     metrics_path: str | None = None
     tensorboard_dir: str | None = None
-    shards: list | None = None  # one fixed shard per rank; None: Ray Train's "train" dataset (a stream)
+    shards: list | None = None  # one fixed shard per rank; None: a stream, split by the feed
     shuffle: bool = False
     hand_over: bool = False  # rank 0 puts the final weights in the object store (sampling.weight_handover)
 
@@ -318,7 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
         # No peers to average gradients with: skip DeepSpeed's flatten / all-reduce / copy-back
         # of every gradient after each backward (a fifth of a CPU step on one rank).
         engine.enable_backward_allreduce = False
-    placement = _gather_placement(world)
+    placement, incarnation = _gather_placement(world), _incarnation(world)
     ckpt, reference = ray.train.get_checkpoint(), rnd.reference_path
     first = True
     while rnd is not None:
@@ -326,28 +339,30 @@ def train_loop_per_worker(config: dict) -> None:
             restart_optimizer(engine, cfg, rnd.total_steps)
             if ref_model is not None and rnd.reference_path != reference:  # run.reference=previous
                 ref_model, reference = load_reference(rnd.reference_path, cfg, device), rnd.reference_path
-        weights = train_round(engine, tokenizer, ref_model, cfg, rnd, ckpt, rank, world, placement, device)
+        shard = (rnd.shards[rank] if rnd.shards is not None
+                 else ray.get(feed.stream_shard.remote(rnd.index, rank, incarnation)))
+        weights = train_round(engine, tokenizer, ref_model, cfg, rnd, shard, ckpt, rank, world, placement, device)
         ckpt, first = None, False  # only a (re)start resumes from a checkpoint
         # Wrapped in a list: the feed keeps the reference (this worker stays its owner) instead of the tensors.
         ray.get(feed.round_done.remote(rnd.index, rank, None if weights is None else [weights]))
         rnd = ray.get(feed.next_round.remote(rnd.index))
 
 
-def train_round(engine, tokenizer, ref_model, cfg: Config, rnd: Round, ckpt, rank: int, world: int,
+def train_round(engine, tokenizer, ref_model, cfg: Config, rnd: Round, shard, ckpt, rank: int, world: int,
                 placement: list[dict], device):
-    """Train one round on this rank's shard and report its final checkpoint (HF policy included);
-    returns the object ref of the final weights on rank 0 of a round that hands them over, else None."""
-    import ray.train
-
+    """Train one round on this rank's shard (a fixed shard, or its iterator over a stream) and
+    report its final checkpoint (HF policy included); returns the object ref of the final weights
+    on rank 0 of a round that hands them over, else None."""
     t, loss_cfg = cfg.train, cfg.train.loss
     margins_fn = (GammaPOMargins(loss_cfg.gamma_po, loss_cfg.beta, gather_fn=dist_gather_fn())
                   if loss_cfg.gamma_po.enabled else None)
-    progress = _restore(engine, margins_fn, rank, ckpt, rnd.index)
+    # A streamed round restarts from its start on a fresh split: no checkpoint of it is resumed
+    # (a stream read anew cannot be checked against the ledger batch by batch).
+    progress = _restore(engine, margins_fn, rank, ckpt if rnd.shards is not None else None, rnd.index)
     if progress.final:  # trained before a restart: its weights went with the old worker; the checkpoint has them
         return None
     total_steps = rnd.total_steps
     steps = StepLog(rnd, rank, progress)
-    shard = rnd.shards[rank] if rnd.shards is not None else ray.train.get_dataset_shard("train")
     seen, accum, t_step, tokens = 0, [], time.time(), 0
     mb, max_length = t.micro_batch_size, train_max_length(cfg)
     done = progress.step >= total_steps

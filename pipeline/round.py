@@ -111,15 +111,15 @@ class LazyGraders:
 
 class LazyTrainers:
     """The run's trainer group (pipeline/training.py), started on the first round that trains and
-    kept for the rest of the run (`run.trainers: persistent`). None where each round starts its
-    own: `run.trainers: per_round`, a streamed round (its workers read the round's stream), and
-    colocated engines, which need the trainers' GPUs given back between rounds."""
+    kept for the rest of the run (`run.trainers: persistent`), staged and streamed rounds alike.
+    None where each round starts its own: `run.trainers: per_round`, and colocated engines, which
+    need the trainers' GPUs given back between rounds."""
 
     def __init__(self, cfg: Config, run: RunDir):
         self.cfg, self.run, self.group = cfg, run, None
 
     def __call__(self, placement: str):
-        if self.cfg.run.trainers != "persistent" or self.cfg.run.overlap == "streaming" or placement != "separate":
+        if self.cfg.run.trainers != "persistent" or placement != "separate":
             return None
         if self.group is None:
             from pipeline.training import TrainerGroup, claim_work_dir
@@ -141,8 +141,13 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
 
     def produce(out) -> dict:
         if cfg.run.overlap == "streaming" and not run.done(r, "pairs"):
-            return run_round_streaming(cfg, run, r, policy, reference, samplers(policy), out("checkpoint"),
-                                       graders=graders())
+            pool = samplers(policy)
+            group = trainers(samplers.placement)
+            info = run_round_streaming(cfg, run, r, policy, reference, pool, out("checkpoint"), graders=graders(),
+                                       group=group)
+            if group is not None:
+                samplers.offer(str(run.policy_dir(r)), group.weights(r))
+            return info
         # Staged, or a streamed round whose pairs were recorded before its training was.
         if not run.done(r, "pairs"):  # (a resumed round starts no engine it does not need)
             run_sampling(cfg, run, r, policy, pool=samplers(policy), graders=graders())

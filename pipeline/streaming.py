@@ -3,9 +3,12 @@
 One Ray Data pipeline goes from the round's prompts to the training workers:
 
     prompts → sample_batch (engines) → grade_batch, pair_and_persist (graders) → ref_logp_batch
-            → Ray Train workers
+            → the trainer group's workers (one streaming split per round, equal shares)
 
-The workers start on the first pairs while the samplers still sample the rest. `pair_and_persist`
+The workers train on the first pairs while the samplers still sample the rest. In the main job
+they are the run's trainer group (`run.trainers: persistent`), already up from the round before,
+so nothing but the first sampling batch stands between the round's start and its first step.
+`pair_and_persist`
 (actors/stages.py) pairs each graded batch and writes the batch's samples, graded rows, pairs and skips as Parquet
 parts named by the batch's prompt ids, so a retried task rewrites the same files instead of adding
 rows. When training ends, the parts, read in prompt order, become the round's usual `samples/
@@ -19,9 +22,9 @@ What streaming changes, and why:
 - Reference log-probs (`train.reference_logps: precomputed`) come from the RefLogp actor stage
   inside the stream, one sampling batch's pairs at a time (with `worker`, from a reference model on
   each worker).
-- A failed worker restarts the round's training from its start (`train.checkpoint_every: 0`), and
-  the restarted stream samples again with the same per-prompt seeds: the same pairs, state
-  exactly-once. Which worker trains which pair is not fixed, unlike the staged fixed shards.
+- A failed worker restarts the round's training from its start (`train.checkpoint_every: 0`): the
+  restarted group gets a fresh split of the stream, which samples again with the same per-prompt
+  seeds: the same pairs, state exactly-once. Which worker trains which pair is not fixed, unlike the staged fixed shards.
 - A driver that dies mid-round leaves only `stream.tmp/`, deleted on the rerun, which redoes the round.
 """
 
@@ -50,16 +53,18 @@ PARTS = "stream.tmp"
 
 
 def run_round_streaming(cfg: Config, run: RunDir, r: int, policy_path: str, reference_path: str, pool,
-                        checkpoint_dir: Path, graders=None) -> dict:
+                        checkpoint_dir: Path, graders=None, group=None) -> dict:
     """Sample, grade, pair and train round r in one pipeline on the run's engines (`pool`) and
     GraderPool (one is started for the call if none is given), writing the checkpoint to
-    `checkpoint_dir`; record the sampling-half stages; return the training's record."""
+    `checkpoint_dir`; record the sampling-half stages; return the training's record. `group`: the
+    run's trainer group (pipeline/training.py), already up, so the first pairs meet running
+    workers; without one a group is started for the round."""
     if graders is None:
         from actors.grader import GraderPool
 
         graders = GraderPool(cfg)
         try:
-            return run_round_streaming(cfg, run, r, policy_path, reference_path, pool, checkpoint_dir, graders)
+            return run_round_streaming(cfg, run, r, policy_path, reference_path, pool, checkpoint_dir, graders, group)
         finally:
             graders.shutdown()
     import ray.data
@@ -82,7 +87,7 @@ def run_round_streaming(cfg: Config, run: RunDir, r: int, policy_path: str, refe
                                          weighting=cfg.weighting.model_dump(), too_long=length_check(cfg, policy_path)),
         batch_size=None, batch_format="pyarrow", num_cpus=0, compute=proxy_tasks(len(graders.actors), 2))
     info = run_training(cfg, None, checkpoint_dir, policy_path, reference_path, run.train_dir(r),
-                        stream=(pairs, n_prompts), round_idx=r)
+                        stream=(pairs, n_prompts), group=group, round_idx=r)
 
     # How long training and sampling ran at once: from the first optimizer step to the last pairs.
     last_pairs = max((f.stat().st_mtime for f in (parts / "pairs").glob("*.parquet")), default=t0)

@@ -9,8 +9,9 @@ same order on every (re)start of the workers, which is what makes resuming exact
 `TrainerGroup` is one Ray Train run whose DeepSpeed workers (actors/train_worker.py) train round
 after round: the main job starts it once (`run.trainers: persistent`), so no round pays for
 starting workers, importing DeepSpeed, loading the policy or building the engine again. A
-one-off call (`wpo-ray train`, a streamed round, `run.trainers: per_round`) starts a group for
-one round; the workers then start while the driver prepares the pairs.
+one-off call (`wpo-ray train`, `run.trainers: per_round`) starts a group for one round; the
+workers then start while the driver prepares the pairs. A streamed round (pipeline/streaming.py)
+reaches the same workers through the feed, as a streaming split made per round.
 """
 
 from __future__ import annotations
@@ -73,18 +74,32 @@ def refuse_untrainable_input(source: str | Path, ds) -> None:
 class RoundFeed:
     """What a trainer group's workers train next: the pending round, which ranks have finished it,
     and stop. Workers (re)started by Ray Train ask it for the pending round, so a restart trains
-    the same round on the same shards."""
+    the same round on the same shards. A streamed round's pairs are split here, once per start of
+    the group (`stream_shard`): a restarted group reads a fresh split of the stream from its start."""
 
     def __init__(self, world: int):
         self.world, self.round, self.finished, self.stopped = world, None, set(), False
         self.weights = None  # (round index, [object ref]) of the last round whose rank 0 handed its weights over
+        self.stream, self.split = None, None  # the pending round's stream; ((round, incarnation), iterators)
         self.changed = asyncio.Condition()
 
-    async def put(self, rnd) -> None:
+    async def put(self, rnd, stream=None) -> None:
         async with self.changed:
-            self.round, self.finished = rnd, set()
+            self.round, self.finished, self.stream, self.split = rnd, set(), stream, None
             self.weights = None  # the engines have had them (or read the checkpoint): free the object store
             self.changed.notify_all()
+
+    async def stream_shard(self, index: int, rank: int, incarnation: str):
+        """Rank `rank`'s iterator over round `index`'s stream, for the group started as `incarnation`.
+        Every rank of one start shares one streaming split; a new start (Ray Train restarted the
+        group) gets a new split, which runs the stream again from its start."""
+        async with self.changed:
+            if self.round is None or self.round.index != index or self.stream is None:
+                raise RuntimeError(f"round {index} is not a pending streamed round")
+            if self.split is None or self.split[0] != (index, incarnation):
+                # The old split's coordinator goes with the last handle to it (the dead workers held the others).
+                self.split = ((index, incarnation), self.stream.streaming_split(self.world, equal=True))
+            return self.split[1][rank]
 
     async def stop(self) -> None:
         async with self.changed:
@@ -118,10 +133,10 @@ class TrainerGroup:
     """`train.num_workers` DeepSpeed workers in one Ray Train run, training the rounds handed to
     `train` one after another. Ray Train's fault tolerance holds across rounds: a worker that dies
     brings the group back from the last checkpoint (`train.max_failures` times per run), and the
-    pending round resumes from it exactly once. `stream`: a Ray dataset the workers read as Ray
-    Train's "train" dataset (a streamed round; such a group trains one round)."""
+    pending round resumes from it exactly once (a streamed round: from its start, on a fresh split
+    of the stream)."""
 
-    def __init__(self, cfg: Config, storage: str | Path, stream=None):
+    def __init__(self, cfg: Config, storage: str | Path):
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from actors.train_worker import train_loop_per_worker
@@ -141,8 +156,6 @@ class TrainerGroup:
                                            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                                            # The newest is what a restart needs; each holds optimizer state.
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-            # Streamed pairs are split as they flow (Ray's streaming_split, equal shares per worker).
-            datasets={"train": stream} if stream is not None else None,
         )
         self._thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True, name="trainer-group")
         self._thread.start()
@@ -155,13 +168,17 @@ class TrainerGroup:
         except BaseException as e:  # noqa: BLE001 - raised in the driver by train()
             self.error = e
 
-    def train(self, rnd) -> Path:
+    def train(self, rnd, stream=None) -> Path:
         """Train round `rnd` (actors.train_worker.Round); returns its final checkpoint directory.
         The workers go on from the weights they hold (the last round's, which the caller wrote
-        where `rnd.policy_path` points); only a (re)started worker loads `rnd.policy_path`."""
+        where `rnd.policy_path` points); only a (re)started worker loads `rnd.policy_path`.
+        `stream`: the round's pairs as a Ray dataset, split among the workers as they flow (Ray
+        Data's streaming_split, equal shares), for a round without fixed `rnd.shards`."""
         from actors.train_worker import checkpoint_name
 
-        ray.get(self.feed.put.remote(rnd))
+        if (stream is None) == (rnd.shards is None):
+            raise ValueError("a round is trained on fixed shards or on a stream, exactly one of them")
+        ray.get(self.feed.put.remote(rnd, stream))
         finished = self.feed.wait_done.remote(rnd.index)
         while not ray.wait([finished], timeout=1.0)[0]:
             if not self._thread.is_alive():
@@ -344,7 +361,7 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
         claim_work_dir(work_dir, cfg, policy_path, reference_path, pairs_files(Path(pairs_source))[0])
     elif own:
         # A streamed round's training always starts from the round's start (run.overlap=streaming
-        # has no mid-round checkpoints): no Ray Train state of an earlier attempt is resumed.
+        # has no mid-round checkpoints): no Ray Train state of an earlier attempt is kept.
         shutil.rmtree(work_dir / "ray_train", ignore_errors=True)
         (work_dir / JOB_FILE).unlink(missing_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -368,7 +385,7 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
     t0 = time.time()
     if own:  # its workers start (load the policy, build their engines) while the pairs are prepared
         try:
-            group = TrainerGroup(cfg, work_dir, stream=ds if stream is not None else None)
+            group = TrainerGroup(cfg, work_dir)
         except BaseException:
             if reference_pool is not None:
                 reference_pool.shutdown()
@@ -389,7 +406,7 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
             metrics_path=str(metrics_path), tensorboard_dir=str(work_dir / "tensorboard"), shards=shards,
             shuffle=t.shuffle and stream is None,  # a stream is read once, in the order it flows
             # Only a group that outlives the call can hand its weights over: a one-off one's die with it.
-            hand_over=not own and cfg.sampling.weight_handover == "memory"))
+            hand_over=not own and cfg.sampling.weight_handover == "memory"), stream=ds if stream is not None else None)
     finally:
         if own:
             group.close()

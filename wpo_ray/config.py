@@ -40,9 +40,9 @@ class RunConfig(_Strict):
     # trainer per GPU, taking turns (engines asleep while the trainers train; wpo_ray/colocation.py).
     # Engines that cannot sleep (vLLM's CPU build) fall back to separate, said once in the log.
     placement: Literal["separate", "colocated"] = "separate"
-    # persistent: one group of DeepSpeed workers trains every round (started once, fresh optimizer
-    # and LR schedule each round). per_round: each round starts its own (what streamed rounds and
-    # colocated placement do anyway). Same results; persistent skips the start-up.
+    # persistent: one group of DeepSpeed workers trains every round, staged or streamed (started
+    # once, fresh optimizer and LR schedule each round). per_round: each round starts its own (what
+    # colocated placement does anyway). Same results; persistent skips the start-up.
     trainers: Literal["persistent", "per_round"] = "persistent"
 
 

@@ -62,3 +62,54 @@ def test_streaming_round_trains_while_sampling_and_records_a_staged_rounds_outpu
     assert [x["step"] for x in m] == list(range(1, info["steps"] + 1))
     # Overlap, measured: optimizer steps ran while the sampler was still sampling.
     assert info["overlap_seconds"] > 0, info
+
+
+def test_streamed_rounds_share_one_trainer_group_and_a_worker_killed_mid_stream_retrains_the_round_once(
+        tiny_cfg_factory, tiny_policy, vllm_pool, grader_pool, failpoints, tmp_path):
+    """Two streamed rounds on one trainer group (the main job's `run.trainers: persistent`): the
+    workers started for round 1 train round 2 from its stream, round 2 samples round 1's policy
+    (handed over from the trainers' memory), and a worker SIGKILLed in round 2's stream brings the
+    group back on a fresh split of the stream: the round ends with each of its pairs applied once,
+    the pairs a staged round draws from the same policy."""
+    from pipeline.sampling import run_sampling
+    from pipeline.streaming import run_round_streaming
+    from pipeline.training import TrainerGroup
+    from wpo_ray.failpoints import arm, fired
+    from wpo_ray.rundir import RunDir, ledger_file
+    from wpo_ray.train_plan import optimizer_steps
+
+    cfg = tiny_cfg_factory("run.overlap=streaming", "sampling.batch_size=4", run_dir=tmp_path / "streamed")
+    run = RunDir(cfg)
+    group = TrainerGroup(cfg, run.trainers_dir)
+    try:
+        info1 = run_round_streaming(cfg, run, 1, tiny_policy, tiny_policy, vllm_pool, run.output(1, "checkpoint"),
+                                    graders=grader_pool, group=group)
+        policy1 = str(run.output(1, "checkpoint") / "policy")
+        assert vllm_pool.load_weights(policy1, weights=group.weights(1)) == ["in_memory"]
+        arm(failpoints, "train.micro_step", hit=2)  # the first rank to reach round 2's second micro-batch dies
+        info2 = run_round_streaming(cfg, run, 2, policy1, tiny_policy, vllm_pool, run.output(2, "checkpoint"),
+                                    graders=grader_pool, group=group)
+        assert fired(failpoints, "train.micro_step"), "the failpoint never fired: nothing was tested"
+
+        # No round started a group of its own: both rounds' checkpoints are the run's group's.
+        kept = {p.name for p in (run.trainers_dir / "ray_train").iterdir()}
+        assert {"round-001-final", "round-002-final"} <= kept, kept
+        assert not any((run.train_dir(r) / "ray_train").exists() for r in (1, 2))
+
+        pairs2 = pq.read_table(run.round_dir(2) / "pairs")
+        staged_cfg = tiny_cfg_factory(run_dir=tmp_path / "staged")
+        vllm_pool.load_weights(policy1)
+        run_sampling(staged_cfg, RunDir(staged_cfg), 2, policy1, pool=vllm_pool, graders=grader_pool)
+        assert pairs2.equals(pq.read_table(tmp_path / "staged" / "round-002" / "pairs"))
+        assert not pairs2.equals(pq.read_table(run.round_dir(1) / "pairs"))  # round 2 sampled a new policy
+    finally:
+        group.close()
+        vllm_pool.load_weights(tiny_policy)  # the shared engine as the other tests expect it
+
+    ids = pairs2.column("prompt_id").to_pylist()
+    applied = [i for r in range(2) for i in json.loads((run.output(2, "checkpoint") / ledger_file(r)).read_text())]
+    assert info2["steps"] == optimizer_steps(len(ids), cfg) > 1 and info1["steps"] > 0
+    assert len(applied) == len(set(applied)) == info2["steps"] * 2 * cfg.train.micro_batch_size
+    assert set(applied) <= set(ids)
+    m = [json.loads(x) for x in (run.train_dir(2) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [x["step"] for x in m] == list(range(1, info2["steps"] + 1))
