@@ -33,11 +33,14 @@ def round_breakdown(run_dir: Path, r: int) -> dict:
     steps = sum(json.loads(x)["step_seconds"] for x in metrics.read_text().splitlines() if x.strip())
     total = sum(v.get("seconds", 0.0) for v in mine.values())
     return {"round": total, "train": mine["train"]["seconds"], "sampling": mine["samples"]["seconds"],
-            "steps": steps, "other_share": (total - mine["samples"]["seconds"] - steps) / total}
+            "steps": steps, "other_share": (total - mine["samples"]["seconds"] - steps) / total,
+            "stages": {k: v.get("seconds", 0.0) for k, v in mine.items() if k not in ("train", "samples")}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", default="per_round,persistent",
+                    help="which to run (one alone prints no ratio): per_round,persistent")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = ap.parse_args()
 
@@ -59,7 +62,8 @@ def main() -> None:
     pool = SamplerPool(cfg0, policy)
     walls, rounds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("per_round", "persistent"):
+        variants = args.variants.split(",")
+        for mode in variants:
             d = Path(tmp) / mode
             cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [*base, f"run.trainers={mode}", f"run.dir={d}"])
             t0 = time.perf_counter()
@@ -67,16 +71,22 @@ def main() -> None:
             walls[mode] = time.perf_counter() - t0
             rounds[mode] = [round_breakdown(d, r) for r in range(1, cfg.run.rounds + 1)]
             pool.load_weights(policy)  # the next variant starts from the same engine state
-        same = [pq.read_table(Path(tmp) / "per_round" / f"round-{r:03d}" / "pairs").equals(
-                pq.read_table(Path(tmp) / "persistent" / f"round-{r:03d}" / "pairs")) for r in range(1, cfg0.run.rounds + 1)]
+        same = [pq.read_table(Path(tmp) / variants[0] / f"round-{r:03d}" / "pairs").equals(
+                pq.read_table(Path(tmp) / variants[-1] / f"round-{r:03d}" / "pairs")) for r in range(1, cfg0.run.rounds + 1)]
     pool.shutdown()
 
     print(f"\n{'round':>5} {'variant':>10} {'round s':>8} {'train s':>8} {'sampling s':>10} {'steps s':>8} "
           f"{'other share':>11}")
-    for mode in ("per_round", "persistent"):
+    for mode in variants:
         for r, x in enumerate(rounds[mode], 1):
             print(f"{r:>5} {mode:>10} {x['round']:>8.1f} {x['train']:>8.1f} {x['sampling']:>10.1f} {x['steps']:>8.1f} "
                   f"{x['other_share']:>11.2f}")
+    print(f"\nthe other stages' seconds, round by round ({variants[-1]}):")
+    for r, x in enumerate(rounds[variants[-1]], 1):
+        print(f"  round {r}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(x["stages"].items())))
+    if len(variants) < 2:
+        print(f"\nwall: {variants[0]} {walls[variants[0]]:.1f}s")
+        return
     print(f"\nwall: per_round {walls['per_round']:.1f}s, persistent {walls['persistent']:.1f}s, "
           f"persistent / per_round = {walls['persistent'] / walls['per_round']:.2f}x")
     print("same pairs in both variants, round by round:", same)
