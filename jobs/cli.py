@@ -108,7 +108,7 @@ def check_prompt_data(cfg, splits: tuple[str, ...]) -> None:
     """
     if cfg.data.source == "arithmetic":  # generated in code: nothing to check
         return
-    from pipeline.evaluation import test_rows
+    from pipeline.evaluation import eval_rows
     from wpo_ray.prompts import load_prompts
 
     plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"chat_template": False})})
@@ -116,9 +116,9 @@ def check_prompt_data(cfg, splits: tuple[str, ...]) -> None:
         prompts, _ = load_prompts(plain.data, "train")
         cfg.data.round_window(prompts.num_rows, cfg.run.rounds, cfg.run.rounds)  # a pool big enough
     if "test" in splits:
-        test_rows(plain)  # the evaluation's own loader: also refuses a missing data.test_path
+        eval_rows(plain)  # the evaluation's own loader: also refuses a missing data.test_path
         if cfg.eval.dev:
-            test_rows(plain, split="dev")
+            eval_rows(plain, split="dev")
 
 
 def preflight(args, cfg):

@@ -12,7 +12,7 @@ from wpo_ray.rundir import RunDir, RunLayout
 log = logging.getLogger(__name__)
 
 
-def test_rows(cfg: Config, tokenizer=None, split: str = "test") -> list[dict]:
+def eval_rows(cfg: Config, tokenizer=None, split: str = "test") -> list[dict]:
     """The questions evaluated: the test split, or the dev split that settings are chosen on."""
     from wpo_ray.prompts import chat_prompts, load_prompts
 
@@ -51,7 +51,7 @@ def run_eval(cfg: Config, policy_path: str, sampler=None) -> dict:
     grader = get_grader(cfg.grading.grader, timeout_s=cfg.grading.timeout_s)
     try:
         def on(split: str) -> dict:
-            return evaluate(sampler, test_rows(cfg, tokenizer, split), grader, maj_n=cfg.eval.maj_n,
+            return evaluate(sampler, eval_rows(cfg, tokenizer, split), grader, maj_n=cfg.eval.maj_n,
                             max_tokens=cfg.eval.max_tokens, seed=cfg.run.seed, temperature=cfg.sampling.temperature)
 
         result = on("test")

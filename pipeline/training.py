@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -201,6 +202,13 @@ class TrainerGroup:
             log.warning("[train] the trainer group did not stop within %.0fs; leaving it to Ray's shutdown", timeout_s)
         else:
             ray.kill(self.feed)
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
 
 
 def claim_work_dir(work_dir: Path, cfg: Config, policy: str, reference: str, pairs_files: list[Path]) -> None:
@@ -410,7 +418,10 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
     finally:
         if own:
             group.close()
-    shutil.copytree(final, output_dir)
+    # Hard links where the run directory and Ray Train's storage share a file system: the checkpoint
+    # is a round's largest output (the optimizer state is twice the weights), and Ray Train never
+    # rewrites a reported checkpoint's files, it only deletes old ones (which keeps our links).
+    shutil.copytree(final, output_dir, copy_function=link_or_copy)
     if not checkpoint_has_policy(output_dir):
         raise RuntimeError(f"checkpoint {final} has no HF policy weights")
     shutil.copy(output_dir / METRICS_FILE, metrics_path)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.evaluation import test_rows as eval_rows
+from pipeline.evaluation import eval_rows
 from wpo_ray.arithmetic import make_split
 from wpo_ray.bootstrap import DEV_SIZE, dev_rows, sft_and_dev_rows
 from wpo_ray.config import load_config

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.evaluation import run_eval, test_rows as load_test_rows
+from pipeline.evaluation import eval_rows, run_eval
 from wpo_ray.config import TinyModelConfig, load_config
 from wpo_ray.generation import HFSampler
 from wpo_ray.prompts import PromptDataError
@@ -76,6 +76,6 @@ def test_chat_template_rows_need_the_tokenizer(cfg, templated_policy):
     from transformers import AutoTokenizer
 
     with pytest.raises(PromptDataError, match="no tokenizer was given to load_prompts"):
-        load_test_rows(cfg)
-    rows = load_test_rows(cfg, AutoTokenizer.from_pretrained(templated_policy))
+        eval_rows(cfg)
+    rows = eval_rows(cfg, AutoTokenizer.from_pretrained(templated_policy))
     assert [r["prompt"] for r in rows] == [f"{MARKER}{r['question']}\n[assistant] " for r in ROWS]
