@@ -3,9 +3,11 @@
 This module only hosts the step (`wpo_ray.step.pair_loss`). A worker sets its engine up once,
 then trains each round the driver puts in its feed (pipeline/training.py): the round's fixed
 shard of pairs (equal shards: uneven batch counts would hang DeepSpeed's collectives), a fresh
-optimizer state and LR schedule per round, metrics, checkpoints. Checkpoints go through
-`ray.train.report`: every rank contributes its DeepSpeed shard and its ledger of the pair ids it
-has applied; rank 0 adds the HF weights (safetensors), the trainer state and the metrics.
+optimizer state (or the last round's: `train.optimizer_state`) and LR schedule per round, metrics,
+checkpoints. Checkpoints go through `ray.train.report`: every rank contributes its DeepSpeed shard
+and its ledger of the pair ids it has applied; rank 0 adds the HF weights (safetensors), the
+trainer state and the metrics. A round's final checkpoint leaves the DeepSpeed state out unless
+the next round goes on from its optimizer state: its weights are the HF policy.
 
 Restarts are exactly-once: a restarted worker restores the state of the last checkpoint and skips
 the micro-batches that state already contains. Its shard is the same on every start, and the
@@ -15,6 +17,7 @@ double or missed update.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import tempfile
@@ -117,6 +120,7 @@ class Progress:
     applied: list[str] = field(default_factory=list)  # pair ids in the order this rank applied them
     metrics_lines: list[str] = field(default_factory=list)  # rank 0: one JSON line per optimizer step
     final: bool = False  # the restored checkpoint is the round's last: nothing left to train
+    stale: bool = False  # ... and held no engine state, so the engine does not hold the round's weights
 
 
 @dataclass
@@ -132,12 +136,14 @@ class Round:
     shards: list | None = None  # one fixed shard per rank; None: a stream, split by the feed
     shuffle: bool = False
     hand_over: bool = False  # rank 0 puts the final weights in the object store (sampling.weight_handover)
+    optimizer_from: str | None = None  # train.optimizer_state=carry: the checkpoint whose optimizer state goes on
 
 
-def _restore(engine, margins_fn, rank: int, ckpt, round_idx: int) -> Progress:
-    """Resume round `round_idx` from Ray Train's last checkpoint `ckpt`, if it is one of this round:
-    DeepSpeed state + how far the stream got (`final`: the round is already trained). Every file is
-    checked against the checkpoint's manifests before anything is read."""
+def _restore(engine, margins_fn, rank: int, ckpt, rnd: Round) -> Progress:
+    """Resume round `rnd` from Ray Train's last checkpoint `ckpt`: DeepSpeed state + how far the
+    round got (`final`: the round is already trained), when the checkpoint is one of this round's
+    (and the round is not streamed: a stream read anew starts over). Every file is checked against
+    the checkpoint's manifests before anything is read."""
     progress = Progress()
     if not ckpt:
         return progress
@@ -145,7 +151,12 @@ def _restore(engine, margins_fn, rank: int, ckpt, round_idx: int) -> Progress:
         d = Path(d)
         verified = verify_checkpoint(d)  # before anything is read, let alone unpickled
         state = json.loads((d / STATE_FILE).read_text())
-        if state.get("round", round_idx) != round_idx:  # an earlier round's: this round starts from its policy
+        if state.get("round", rnd.index) != rnd.index:  # an earlier round's: this round starts from its policy
+            return progress
+        if rnd.shards is None:  # streamed: trained again from the round's start, on a fresh split
+            return progress
+        if state.get("final") and not (d / DS_DIR).is_dir():  # trained; its weights are only in its policy/
+            progress.final = progress.stale = True
             return progress
         check_rank_manifests(d, state["world_size"])
         engine.checkpoint_engine.verified = verified
@@ -166,6 +177,22 @@ def _restore(engine, margins_fn, rank: int, ckpt, round_idx: int) -> Progress:
     return progress
 
 
+def _carry_in(engine, cfg: Config, rnd: Round, rank: int) -> None:
+    """A (re)started engine takes the optimizer state the previous round ended with, from that
+    round's final checkpoint (`train.optimizer_state=carry`), verified first; the LR schedule
+    stays this round's. Named by the driver, not found in Ray Train's registry, which may not yet
+    hold a checkpoint reported just before a worker died."""
+    d = Path(rnd.optimizer_from)
+    engine.checkpoint_engine.verified = verify_checkpoint(d)
+    state = json.loads((d / STATE_FILE).read_text())
+    check_rank_manifests(d, state["world_size"])
+    engine.load_checkpoint(str(d / DS_DIR), tag="ds", load_lr_scheduler_states=False)
+    # The loaded param groups hold the old round's last rate: the round's own schedule takes over again.
+    restart_optimizer(engine, cfg, rnd.total_steps)
+    if rank == 0:
+        log.info("[train] optimizer state carried over from %s", d)
+
+
 def checkpoint_name(round_idx: int, step: int | None = None) -> str:
     """The directory Ray Train keeps a checkpoint in: a mid-round one at `step`, else the round's
     final one (the one the driver copies)."""
@@ -182,7 +209,9 @@ def _report_checkpoint(engine, tokenizer, cfg: Config, rnd: Round, progress: Pro
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         engine.checkpoint_engine.written.clear()
-        engine.save_checkpoint(str(d / DS_DIR), tag="ds")
+        # A round's final checkpoint holds the optimizer state only where the next round goes on from it.
+        if not final or cfg.train.optimizer_state == "carry":
+            engine.save_checkpoint(str(d / DS_DIR), tag="ds")
         if final:
             weights = _save_hf(engine, tokenizer, d / POLICY_DIR, rank, zero_stage(cfg), rnd.hand_over)
         (d / ledger_file(rank)).write_text(json.dumps(progress.applied))
@@ -286,9 +315,10 @@ def skip_shm_comm_build() -> None:
 
 def restart_optimizer(engine, cfg: Config, total_steps: int) -> None:
     """Start the next round as a fresh trainer would (what iterative DPO does): Adam's moments and
-    step counts cleared (torch's and DeepSpeed's Adam create them again on the next step) and the
-    LR schedule from its first step, sized for this round."""
-    engine.basic_optimizer.state.clear()
+    step counts cleared (torch's and DeepSpeed's Adam create them again on the next step), unless
+    `train.optimizer_state=carry`, and the LR schedule from its first step, sized for this round."""
+    if cfg.train.optimizer_state == "restart":
+        engine.basic_optimizer.state.clear()
     engine.lr_scheduler = lr_scheduler(cfg, total_steps)(engine.basic_optimizer)
 
 
@@ -297,7 +327,6 @@ def train_loop_per_worker(config: dict) -> None:
     the feed (`config["feed"]`, pipeline/training.py) until it says stop. A (re)started worker
     loads the pending round's starting policy and resumes that round from Ray Train's last
     checkpoint when the checkpoint is one of that round's."""
-    import deepspeed
     import ray
     import ray.train
     import ray.train.torch
@@ -317,20 +346,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rnd is None:
         return
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
-    model, tokenizer, ref_model = load_models(rnd.policy_path, rnd.reference_path, cfg, device)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False  # a KV cache is useless in training and conflicts with it
-    skip_shm_comm_build()
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=deepspeed_config(cfg, rnd.total_steps),
-                                      lr_scheduler=lr_scheduler(cfg, rnd.total_steps), dist_init_required=False)
+    engine, tokenizer, ref_model = build_engine(cfg, rnd, world, device)
     device = model_device(engine)  # where DeepSpeed placed the policy: its inputs go there
-    engine.checkpoint_engine = HashingCheckpointEngine(engine.checkpoint_engine)
-    if world == 1:
-        # No peers to average gradients with: skip DeepSpeed's flatten / all-reduce / copy-back
-        # of every gradient after each backward (a fifth of a CPU step on one rank).
-        engine.enable_backward_allreduce = False
     placement, incarnation = _gather_placement(world), _incarnation(world)
     ckpt, reference = ray.train.get_checkpoint(), rnd.reference_path
     first = True
@@ -341,26 +358,58 @@ def train_loop_per_worker(config: dict) -> None:
                 ref_model, reference = load_reference(rnd.reference_path, cfg, device), rnd.reference_path
         shard = (rnd.shards[rank] if rnd.shards is not None
                  else ray.get(feed.stream_shard.remote(rnd.index, rank, incarnation)))
-        weights = train_round(engine, tokenizer, ref_model, cfg, rnd, shard, ckpt, rank, world, placement, device)
+        weights, found = train_round(engine, tokenizer, ref_model, cfg, rnd, shard, ckpt, rank, world, placement,
+                                     device, fresh_engine=first)
         ckpt, first = None, False  # only a (re)start resumes from a checkpoint
+        failpoint("train.round_reported")
         # Wrapped in a list: the feed keeps the reference (this worker stays its owner) instead of the tensors.
-        ray.get(feed.round_done.remote(rnd.index, rank, None if weights is None else [weights]))
+        ray.get(feed.round_done.remote(rnd.index, rank, None if weights is None else [weights], found is not None))
         rnd = ray.get(feed.next_round.remote(rnd.index))
+        if found is not None and found.stale and rnd is not None:
+            # The restored checkpoint was the round's final one, which holds its weights as a policy
+            # but no engine state: build the engine again on them (the next round's starting policy).
+            del engine
+            gc.collect()
+            engine, tokenizer, ref_model = build_engine(cfg, rnd, world, device)
+            reference, first = rnd.reference_path, True
+
+
+def build_engine(cfg: Config, rnd: Round, world: int, device):
+    """(DeepSpeed engine, tokenizer, reference model or None) on round `rnd`'s starting policy."""
+    import deepspeed
+
+    t = cfg.train
+    model, tokenizer, ref_model = load_models(rnd.policy_path, rnd.reference_path, cfg, device)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False  # a KV cache is useless in training and conflicts with it
+    skip_shm_comm_build()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=deepspeed_config(cfg, rnd.total_steps),
+                                      lr_scheduler=lr_scheduler(cfg, rnd.total_steps), dist_init_required=False)
+    engine.checkpoint_engine = HashingCheckpointEngine(engine.checkpoint_engine)
+    if world == 1:
+        # No peers to average gradients with: skip DeepSpeed's flatten / all-reduce / copy-back
+        # of every gradient after each backward (a fifth of a CPU step on one rank).
+        engine.enable_backward_allreduce = False
+    return engine, tokenizer, ref_model
 
 
 def train_round(engine, tokenizer, ref_model, cfg: Config, rnd: Round, shard, ckpt, rank: int, world: int,
-                placement: list[dict], device):
+                placement: list[dict], device, fresh_engine: bool = False):
     """Train one round on this rank's shard (a fixed shard, or its iterator over a stream) and
-    report its final checkpoint (HF policy included); returns the object ref of the final weights
-    on rank 0 of a round that hands them over, else None."""
+    report its final checkpoint (HF policy included). Returns (the object ref of the final weights
+    on rank 0 of a round that hands them over, else None; the restored Progress when the round was
+    found trained in its final checkpoint, else None). `fresh_engine`: the engine was just built, so
+    it holds no optimizer state yet."""
     t, loss_cfg = cfg.train, cfg.train.loss
     margins_fn = (GammaPOMargins(loss_cfg.gamma_po, loss_cfg.beta, gather_fn=dist_gather_fn())
                   if loss_cfg.gamma_po.enabled else None)
-    # A streamed round restarts from its start on a fresh split: no checkpoint of it is resumed
-    # (a stream read anew cannot be checked against the ledger batch by batch).
-    progress = _restore(engine, margins_fn, rank, ckpt if rnd.shards is not None else None, rnd.index)
+    progress = _restore(engine, margins_fn, rank, ckpt, rnd)
     if progress.final:  # trained before a restart: its weights went with the old worker; the checkpoint has them
-        return None
+        return None, progress
+    if fresh_engine and rnd.optimizer_from and not progress.micro_done:  # (a mid-round checkpoint has its own)
+        _carry_in(engine, cfg, rnd, rank)
     total_steps = rnd.total_steps
     steps = StepLog(rnd, rank, progress)
     seen, accum, t_step, tokens = 0, [], time.time(), 0
@@ -413,4 +462,5 @@ def train_round(engine, tokenizer, ref_model, cfg: Config, rnd: Round, shard, ck
                 done = True
                 break
     steps.close()
-    return _report_checkpoint(engine, tokenizer, cfg, rnd, progress, margins_fn, rank, world, placement, final=True)
+    return _report_checkpoint(engine, tokenizer, cfg, rnd, progress, margins_fn, rank, world, placement,
+                              final=True), None

@@ -82,11 +82,13 @@ class RoundFeed:
         self.world, self.round, self.finished, self.stopped = world, None, set(), False
         self.weights = None  # (round index, [object ref]) of the last round whose rank 0 handed its weights over
         self.stream, self.split = None, None  # the pending round's stream; ((round, incarnation), iterators)
+        self.found_trained = False  # restarted workers found the pending round trained in its final checkpoint
         self.changed = asyncio.Condition()
 
     async def put(self, rnd, stream=None) -> None:
         async with self.changed:
             self.round, self.finished, self.stream, self.split = rnd, set(), stream, None
+            self.found_trained = False
             self.weights = None  # the engines have had them (or read the checkpoint): free the object store
             self.changed.notify_all()
 
@@ -113,10 +115,12 @@ class RoundFeed:
             await self.changed.wait_for(lambda: self.stopped or (self.round is not None and self.round.index > after))
             return None if self.stopped else self.round
 
-    async def round_done(self, index: int, rank: int, weights: list | None = None) -> None:
+    async def round_done(self, index: int, rank: int, weights: list | None = None, found_trained: bool = False) -> None:
         async with self.changed:
             if self.round is not None and self.round.index == index:
                 self.finished.add(rank)
+                if found_trained:  # a restart: weights put before it died with their owner
+                    self.found_trained, self.weights = True, None
                 if weights is not None:
                     self.weights = (index, weights)
                 self.changed.notify_all()
@@ -125,9 +129,11 @@ class RoundFeed:
         """[object ref of round `index`'s final weights], or None (not handed over: the checkpoint has them)."""
         return self.weights[1] if self.weights is not None and self.weights[0] == index else None
 
-    async def wait_done(self, index: int) -> None:
+    async def wait_done(self, index: int) -> bool:
+        """Once every rank has finished round `index`: whether restarted workers found it trained."""
         async with self.changed:
             await self.changed.wait_for(lambda: len(self.finished) == self.world and self.round.index == index)
+            return self.found_trained
 
 
 class TrainerGroup:
@@ -169,8 +175,9 @@ class TrainerGroup:
         except BaseException as e:  # noqa: BLE001 - raised in the driver by train()
             self.error = e
 
-    def train(self, rnd, stream=None) -> Path:
-        """Train round `rnd` (actors.train_worker.Round); returns its final checkpoint directory.
+    def train(self, rnd, stream=None) -> tuple[Path, bool]:
+        """Train round `rnd` (actors.train_worker.Round); returns its final checkpoint directory and
+        whether the workers, restarted after reporting it, found the round trained there.
         The workers go on from the weights they hold (the last round's, which the caller wrote
         where `rnd.policy_path` points); only a (re)started worker loads `rnd.policy_path`.
         `stream`: the round's pairs as a Ray dataset, split among the workers as they flow (Ray
@@ -184,7 +191,7 @@ class TrainerGroup:
         while not ray.wait([finished], timeout=1.0)[0]:
             if not self._thread.is_alive():
                 raise self.error or RuntimeError("the trainer group stopped before the round was trained")
-        return self.storage / checkpoint_name(rnd.index)
+        return self.storage / checkpoint_name(rnd.index), ray.get(finished)
 
     def weights(self, index: int):
         """The object ref of round `index`'s final weights in Ray's object store (owned by trainer
@@ -202,6 +209,20 @@ class TrainerGroup:
             log.warning("[train] the trainer group did not stop within %.0fs; leaving it to Ray's shutdown", timeout_s)
         else:
             ray.kill(self.feed)
+
+
+def carried_optimizer(cfg: Config, policy_path: str | Path) -> str | None:
+    """With train.optimizer_state=carry, the checkpoint directory a round's optimizer state comes
+    from: the one holding the policy the round starts from (`<checkpoint>/policy`), when it is a
+    round's final checkpoint of ours with DeepSpeed state. None for the first round (a model
+    directory) and without carry."""
+    from wpo_ray.integrity import has_manifest
+    from wpo_ray.rundir import DS_DIR
+
+    ckpt = Path(policy_path).parent
+    if cfg.train.optimizer_state != "carry" or not ((ckpt / DS_DIR).is_dir() and has_manifest(ckpt)):
+        return None
+    return str(ckpt)
 
 
 def link_or_copy(src: str, dst: str) -> None:
@@ -342,7 +363,8 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
                  reference_path: str, work_dir: str | Path, stream=None, group: Optional[TrainerGroup] = None,
                  round_idx: int = 0) -> dict:
     """Train the policy on the pairs and write the directory `output_dir` (policy/ in HF
-    safetensors + deepspeed/); the caller renames it into place (`RunDir.stage`, or the CLI).
+    safetensors, + deepspeed/ with train.optimizer_state=carry); the caller renames it into place
+    (`RunDir.stage`, or the CLI).
     `work_dir` holds the step metrics and, for a group started here, Ray Train's state (resumed
     from on a rerun).
 
@@ -409,12 +431,13 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
                 refuse_untrainable(ds, str(pairs_source))
             shards = ds.split(t.num_workers, equal=True)
             log.info("[train] pairs ready for the workers in %.1fs", time.time() - t_pairs)
-        final = group.train(Round(
+        final, found_trained = group.train(Round(
             index=round_idx, policy_path=str(policy_path), reference_path=str(reference_path), total_steps=total,
             metrics_path=str(metrics_path), tensorboard_dir=str(work_dir / "tensorboard"), shards=shards,
             shuffle=t.shuffle and stream is None,  # a stream is read once, in the order it flows
             # Only a group that outlives the call can hand its weights over: a one-off one's die with it.
-            hand_over=not own and cfg.sampling.weight_handover == "memory"), stream=ds if stream is not None else None)
+            hand_over=not own and cfg.sampling.weight_handover == "memory",
+            optimizer_from=carried_optimizer(cfg, policy_path)), stream=ds if stream is not None else None)
     finally:
         if own:
             group.close()
@@ -430,5 +453,8 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
     info = {"pairs": n_pairs, "steps": steps, "seconds": round(time.time() - t0, 1),
             "policy": str(policy_path), "reference": str(reference_path),
             "placement": {"train_workers": state.get("placement", [])}}
+    if found_trained:
+        info["found_trained"] = True  # the workers died after its final checkpoint; their restart found it there
+        log.info("[train] the restarted workers found the round trained in its final checkpoint")
     log.info("[train] done: %d steps in %.1fs", steps, info["seconds"])
     return info

@@ -394,6 +394,13 @@ class TrainConfig(_Strict):
     # Recompute activations in backward instead of keeping them (less memory, ~1/3 more compute).
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    # Between rounds of one trainer group. restart (iterative DPO's choice): Adam's moments and
+    # step counts cleared, as a new trainer on the previous round's policy would start; a round's
+    # final checkpoint then needs no optimizer state and holds none (at 7B that is ~6x the
+    # weights, written every round). carry: the optimizer state goes on into the next round (kept
+    # in the final checkpoint, where a restarted worker finds it). The LR schedule restarts in
+    # both, sized for the round.
+    optimizer_state: Literal["restart", "carry"] = "restart"
     max_failures: int = Field(1, ge=0)
     loss: LossConfig = LossConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
@@ -440,6 +447,16 @@ class Config(_Strict):
             if self.train.checkpoint_every:
                 raise ValueError("run.overlap=streaming restarts a failed round's training from its start (the "
                                  "stream cannot be replayed from the middle); train.checkpoint_every must be 0")
+        return self
+
+    @model_validator(mode="after")
+    def _carry(self) -> "Config":
+        if self.train.optimizer_state == "carry" and (self.run.trainers != "persistent"
+                                                       or self.run.placement != "separate"):
+            raise ValueError(f"train.optimizer_state=carry keeps the optimizer state in the run's one trainer group, "
+                             f"but run.trainers is {self.run.trainers} and run.placement {self.run.placement}, which "
+                             "start a group per round: set run.trainers=persistent and run.placement=separate, or "
+                             "train.optimizer_state=restart")
         return self
 
     @model_validator(mode="after")

@@ -9,7 +9,8 @@ process fires on every hit from the ``hit``-th on: a fault that comes back after
 and then
 
 - ``kill`` (default): sends itself SIGKILL, as the OOM killer or a preempted node would: no
-  cleanup, no ``finally``;
+  cleanup, no ``finally``; ``kill:<s>`` first sleeps s seconds (what the process just handed to
+  others, e.g. a checkpoint report, has reached them);
 - ``interrupt``: raises ``KeyboardInterrupt``, as Ctrl-C would, for a driver running inside pytest;
 - ``hang``: sleeps for an hour, so that a test can kill something else at a known point (the
   driver, while a training worker hangs right after a checkpoint);
@@ -48,7 +49,7 @@ _hits: dict[str, tuple[tuple[int, int], int]] = {}
 def arm(directory: str | Path, name: str, hit: int = 1, action: str = "kill", every: bool = False) -> Path:
     """Arm `name` to fire on the `hit`-th time a process reaches it (with `every`, on each time
     from then on, in every process, until disarmed) (a test helper)."""
-    if (action not in ACTIONS and not _delay(action) and not _until(action)) or hit < 1:
+    if (action not in ACTIONS and not _delay(action) and not _until(action) and not _kill_after(action)) or hit < 1:
         raise ValueError(f"failpoint {name}: bad hit {hit} or action {action!r}")
     path = Path(directory) / name
     path.write_text(f"{hit} {action}{' every' if every else ''}\n")
@@ -59,6 +60,14 @@ def _delay(action: str) -> float | None:
     head, _, secs = action.partition(":")
     try:
         return float(secs) if head == "delay" and float(secs) > 0 else None
+    except ValueError:
+        return None
+
+
+def _kill_after(action: str) -> float | None:
+    head, _, secs = action.partition(":")
+    try:
+        return float(secs) if head == "kill" and float(secs) > 0 else None
     except ValueError:
         return None
 
@@ -111,4 +120,5 @@ def failpoint(name: str) -> None:
         with open(armed.with_name(f"{name}.fired"), "a") as f:
             f.write("until: met\n" if flag.exists() else "until: timed out\n")
         return
+    time.sleep(_kill_after(action) or 0.0)
     os.kill(os.getpid(), signal.SIGKILL)

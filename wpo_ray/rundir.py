@@ -4,7 +4,8 @@
       config.yaml  manifest.json  run.log  report.html  report/
       round-000/eval.json                                  (the initial policy)
       round-NNN/prompts/ samples/ graded/ pairs/ skips/    (Parquet, the Arrow contracts)
-               train/ (Ray Train state, metrics.jsonl)  checkpoint/ (policy/ + deepspeed/)  eval.json
+               train/ (Ray Train state, metrics.jsonl)  checkpoint/ (policy/; deepspeed/ if the optimizer
+               state carries over)  eval.json
 
 Every path of that layout comes from `RunLayout`; nothing else spells `round-{r:03d}`. The
 manifest is the only source of truth for what is done. `RunDir.stage` is the one way a stage

@@ -43,7 +43,8 @@ def test_zero2_loss_goes_down_and_starts_at_ln2(zero2_run):
     assert [x["lr"] for x in m] == pytest.approx([cfg.train.lr * lr_factor(s, cfg.train.warmup_steps, 18)
                                                   for s in range(1, 19)])
     assert m[-1]["lr"] > 0
-    assert (out / "checkpoint" / "deepspeed").is_dir()
+    # The optimizer restarts every round (train.optimizer_state=restart): the final checkpoint holds none.
+    assert not (out / "checkpoint" / "deepspeed").exists()
     assert list((out / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events written"
 
 
@@ -69,21 +70,30 @@ def _max_diff(a_dir, b_dir, start_dir) -> tuple[float, float]:
 def test_a_trainer_group_trains_round_two_like_a_fresh_trainer_and_resumes_a_killed_worker_exactly_once(
         zero2_run, tiny_cfg_factory, tiny_policy, arithmetic_pairs, failpoints, tmp_path):
     """One trainer group, two rounds. Round 1 gives the one-off trainer's weights (zero2_run, same
-    config). In round 2 a worker is SIGKILLed at micro-batch 9 of 18; Ray Train restarts the group,
-    which restores round 2's step-8 checkpoint. Round 2 then ends with the weights, steps, loss
-    curve and pairs, in order, of a fresh one-off trainer started on round 1's policy: the
-    optimizer state and LR schedule restart each round, and the killed round is trained once.
+    config); a worker is SIGKILLed right after its final checkpoint is reported, so the restarted
+    group finds round 1 trained in a checkpoint that holds its policy but no engine state, and
+    builds its engines again on that policy for round 2. In round 2 a worker is SIGKILLed at
+    micro-batch 9 of 18; Ray Train restarts the group, which restores round 2's step-8 checkpoint.
+    Round 2 then ends with the weights, steps, loss curve and pairs, in order, of a fresh one-off
+    trainer started on round 1's policy: the optimizer state and LR schedule restart each round,
+    and the killed round is trained once.
     """
     from pipeline.training import TrainerGroup, run_training
     from wpo_ray.failpoints import arm, fired
 
     _, out0, _ = zero2_run
     cfg = tiny_cfg_factory("train.epochs=3", "train.deepspeed.zero_stage=2", "train.lr=0.002", "train.loss.base=dpo",
-                           "train.checkpoint_every=4")
+                           "train.checkpoint_every=4", "train.max_failures=2")
     r1, r2 = tmp_path / "round-001", tmp_path / "round-002"
     group = TrainerGroup(cfg, tmp_path / "trainers")
     try:
-        run_training(cfg, arithmetic_pairs, r1 / "checkpoint", tiny_policy, tiny_policy, r1, group=group, round_idx=1)
+        # Round 1's final checkpoint is reported, the round not yet marked done; the pause lets Ray
+        # Train take the report in before the worker dies, so that the restart finds it.
+        arm(failpoints, "train.round_reported", action="kill:5")
+        info1 = run_training(cfg, arithmetic_pairs, r1 / "checkpoint", tiny_policy, tiny_policy, r1, group=group,
+                             round_idx=1)
+        assert fired(failpoints, "train.round_reported"), "the failpoint never fired: nothing was tested"
+        assert info1.get("found_trained"), info1
         arm(failpoints, "train.micro_step", hit=9)  # the first rank to reach round 2's micro-batch 9 dies
         info = run_training(cfg, arithmetic_pairs, r2 / "checkpoint", str(r1 / "checkpoint" / "policy"), tiny_policy,
                             r2, group=group, round_idx=2)
@@ -106,6 +116,49 @@ def test_a_trainer_group_trains_round_two_like_a_fresh_trainer_and_resumes_a_kil
     diff, moved = _max_diff(r2 / "checkpoint" / "policy", fresh / "checkpoint" / "policy", r1 / "checkpoint" / "policy")
     assert moved > 1e-3 and diff <= 1e-6 * moved, (diff, moved)
     assert [x["loss"] for x in m] == pytest.approx([x["loss"] for x in m0], rel=1e-6)
+
+
+def test_carried_optimizer_state_survives_a_worker_killed_at_the_start_of_round_two(
+        ray_session, tiny_cfg_factory, tiny_policy, arithmetic_pairs, failpoints, tmp_path):
+    """train.optimizer_state=carry: round 2 goes on with round 1's Adam state. Round 1's final
+    checkpoint keeps the DeepSpeed state for it; a worker SIGKILLed at round 2's first micro-batch
+    brings the group back from that checkpoint, optimizer state included, and round 2 ends with
+    the weights of an undisturbed group. Restarting the optimizer instead gives other weights, so
+    the state that was carried over made a difference."""
+    from pipeline.training import TrainerGroup, run_training
+    from wpo_ray.failpoints import arm, fired
+
+    cfg = tiny_cfg_factory("train.epochs=2", "train.deepspeed.zero_stage=2", "train.lr=0.002", "train.loss.base=dpo",
+                           "train.optimizer_state=carry")
+
+    def two_rounds(d, kill: bool):
+        group = TrainerGroup(cfg, d / "trainers")
+        try:
+            run_training(cfg, arithmetic_pairs, d / "r1" / "checkpoint", tiny_policy, tiny_policy, d / "r1",
+                         group=group, round_idx=1)
+            if kill:
+                arm(failpoints, "train.micro_step", hit=1)
+            run_training(cfg, arithmetic_pairs, d / "r2" / "checkpoint", str(d / "r1" / "checkpoint" / "policy"),
+                         tiny_policy, d / "r2", group=group, round_idx=2)
+        finally:
+            group.close()
+
+    two_rounds(tmp_path / "undisturbed", kill=False)
+    two_rounds(tmp_path / "killed", kill=True)
+    assert fired(failpoints, "train.micro_step"), "the failpoint never fired: nothing was tested"
+    assert (tmp_path / "killed" / "r1" / "checkpoint" / "deepspeed").is_dir()
+    r1 = tmp_path / "undisturbed" / "r1" / "checkpoint" / "policy"
+    diff, moved = _max_diff(tmp_path / "killed" / "r2" / "checkpoint" / "policy",
+                            tmp_path / "undisturbed" / "r2" / "checkpoint" / "policy", r1)
+    assert moved > 1e-3 and diff <= 1e-6 * moved, (diff, moved)
+
+    restart = tmp_path / "restart"
+    run_training(tiny_cfg_factory("train.epochs=2", "train.deepspeed.zero_stage=2", "train.lr=0.002",
+                                  "train.loss.base=dpo"),
+                 arithmetic_pairs, restart / "checkpoint", str(r1), tiny_policy, restart)
+    diff, moved = _max_diff(restart / "checkpoint" / "policy", tmp_path / "undisturbed" / "r2" / "checkpoint" / "policy",
+                            r1)
+    assert diff > 0.1 * moved, (diff, moved)
 
 
 def test_one_worker_runs_without_partitioning_or_all_reduce_and_matches_two_zero2_workers(
@@ -301,10 +354,12 @@ def test_nan_reference_logps_computed_while_the_workers_start_fail_the_run_namin
 
 
 
-def test_resume_on_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_shard(
+def test_resume_on_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_file(
         zero2_run, tiny_cfg_factory, tiny_policy, arithmetic_pairs, tmp_path):
-    """A real DeepSpeed checkpoint of the ZeRO-2 run, one byte of a rank's optimizer shard
-    flipped: the resumed workers refuse it, naming the file, before DeepSpeed unpickles it."""
+    """The real final checkpoint of the ZeRO-2 run, one byte of its policy weights flipped: the
+    resumed workers refuse it, naming the file, before anything of it is read. (A round's final
+    checkpoint holds no optimizer shards under train.optimizer_state=restart; tests/unit/
+    test_integrity.py flips bytes in DeepSpeed's files.)"""
     import shutil
 
     from pipeline.training import run_training
@@ -313,7 +368,7 @@ def test_resume_on_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_shar
     work = tmp_path / "work"
     shutil.copytree(out0, work, ignore=shutil.ignore_patterns("checkpoint"))
     final = next((work / "ray_train").glob("round-*-final"))
-    shard = sorted(final.rglob("*optim_states.pt"))[-1]
+    shard = final / "policy" / "model.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))

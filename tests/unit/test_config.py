@@ -88,6 +88,11 @@ def test_out_of_range_values_name_the_key(override, key, expected):
         (["bootstrap.stop_at={hard: 1.5}"], "bootstrap", "bootstrap.stop_at: accuracies must be in (0, 1]"),
         (["bootstrap.stop_at={tricky: 0.5}"], "bootstrap.stop_at.tricky.[key]", "'easy'"),
         (["data.arithmetic.format=essay"], "data.arithmetic.format", "'answer'"),
+        (["train.optimizer_state=carry", "run.trainers=per_round"], "<root>",
+         "train.optimizer_state=carry keeps the optimizer state in the run's one trainer group, but run.trainers "
+         "is per_round"),
+        (["train.optimizer_state=carry", "run.placement=colocated"], "<root>", "run.placement colocated"),
+        (["train.optimizer_state=keep"], "train.optimizer_state", "'restart' or 'carry'"),
     ],
 )
 def test_undefined_combinations_are_rejected(overrides, key, expected):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 
 import pytest
 
@@ -59,11 +60,31 @@ def test_kill_is_a_sigkill_of_the_process_that_claims_it(fp_dir):
     assert fired(fp_dir, "worker.step")
 
 
+def _reach_timed(name: str, q) -> None:
+    q.put(time.monotonic())
+    failpoint(name)
+    q.put("survived")
+
+
+def test_kill_after_a_pause_is_a_sigkill_that_comes_late(fp_dir):
+    arm(fp_dir, "worker.step", action="kill:1.5")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_reach_timed, args=("worker.step", q))
+    p.start()
+    started = q.get(timeout=60)
+    p.join(60)
+    assert p.exitcode == -signal.SIGKILL and q.empty()
+    assert time.monotonic() - started >= 1.5
+
+
 def test_bad_arming_is_refused(tmp_path):
     with pytest.raises(ValueError):
         arm(tmp_path, "a", hit=0)
     with pytest.raises(ValueError):
         arm(tmp_path, "a", action="explode")
+    with pytest.raises(ValueError):
+        arm(tmp_path, "a", action="kill:soon")
     assert not os.listdir(tmp_path)
 
 
