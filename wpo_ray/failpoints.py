@@ -56,20 +56,21 @@ def arm(directory: str | Path, name: str, hit: int = 1, action: str = "kill", ev
     return path
 
 
-def _delay(action: str) -> float | None:
-    head, _, secs = action.partition(":")
+def _seconds(action: str, head: str) -> float | None:
+    """s of an action `<head>:<s>` (s > 0), else None."""
+    name, _, secs = action.partition(":")
     try:
-        return float(secs) if head == "delay" and float(secs) > 0 else None
+        return float(secs) if name == head and float(secs) > 0 else None
     except ValueError:
         return None
+
+
+def _delay(action: str) -> float | None:
+    return _seconds(action, "delay")
 
 
 def _kill_after(action: str) -> float | None:
-    head, _, secs = action.partition(":")
-    try:
-        return float(secs) if head == "kill" and float(secs) > 0 else None
-    except ValueError:
-        return None
+    return _seconds(action, "kill")
 
 
 def _until(action: str) -> str | None:
