@@ -28,14 +28,17 @@ class _TorchEngine:
         Path(path).mkdir(parents=True, exist_ok=exist_ok)
 
 
-def _checkpoint(root: Path, world: int = 2) -> Path:
+def _checkpoint(root: Path, world: int = 2, engine_state: bool = True) -> Path:
     """A checkpoint as the training workers write it: per rank a DeepSpeed shard hashed while
-    written, a ledger, then the rank's manifest; rank 0 adds the state and the HF policy."""
+    written (without `engine_state`: none, as in a round's final checkpoint when the optimizer
+    restarts), a ledger, then the rank's manifest; rank 0 adds the state and the HF policy."""
     for rank in range(world):
         part = root / f"part{rank}"  # each rank writes its own directory; Ray Train merges them
+        part.mkdir(parents=True)
         engine = HashingCheckpointEngine(_TorchEngine())
-        engine.makedirs(part / "deepspeed" / "ds", exist_ok=True)
-        engine.save({"w": torch.full((4,), float(rank))}, str(part / "deepspeed" / "ds" / f"zero_rank{rank}.pt"))
+        if engine_state:
+            engine.makedirs(part / "deepspeed" / "ds", exist_ok=True)
+            engine.save({"w": torch.full((4,), float(rank))}, str(part / "deepspeed" / "ds" / f"zero_rank{rank}.pt"))
         (part / f"pairs-applied-rank{rank:03d}.json").write_text(json.dumps([f"p{rank}"]))
         if rank == 0:
             (part / "trainer_state.json").write_text(json.dumps({"round": 1, "micro_steps": 2, "optimizer_steps": 1,
@@ -109,6 +112,13 @@ def test_a_checkpoint_without_manifest_is_refused_but_a_plain_model_dir_is_not_c
     verify_policy_dir(tmp_path / "model")  # a user's HF directory (nothing to check it against)
 
 
+def _round(index: int):
+    """A staged round (fixed shards) with that index, as the feed hands it to a worker."""
+    from actors.train_worker import Round
+
+    return Round(index=index, policy_path="", reference_path="", total_steps=1, shards=[])
+
+
 def test_resume_refuses_a_tampered_shard_before_anything_is_unpickled(tmp_path, monkeypatch):
     """The training worker's resume path on a checkpoint with one flipped byte, and with one added
     file: refused naming the file; torch.load (every unpickling load goes through it) never runs."""
@@ -135,13 +145,13 @@ def test_resume_refuses_a_tampered_shard_before_anything_is_unpickled(tmp_path, 
     monkeypatch.setattr(torch, "load", no_unpickling)
     for d, named in ((ckpt, shard), (added, added / "deepspeed" / "ds" / "extra.pt")):
         with pytest.raises(IntegrityError) as e:
-            _restore(Engine(), None, 0, ray.train.Checkpoint.from_directory(str(d)), 1)
+            _restore(Engine(), None, 0, ray.train.Checkpoint.from_directory(str(d)), _round(1))
         assert str(named) in str(e.value)
 
     # Intact, the same path verifies, then loads through the verified set.
     monkeypatch.undo()
     intact = _checkpoint(tmp_path / "ok")
-    progress = _restore(Engine(), None, 0, ray.train.Checkpoint.from_directory(str(intact)), 1)
+    progress = _restore(Engine(), None, 0, ray.train.Checkpoint.from_directory(str(intact)), _round(1))
     assert progress.step == 1 and progress.applied == ["p0"] and progress.final
 
     # A (re)started worker of the trainer group pending round 2 does not resume round 1's state:
@@ -150,8 +160,29 @@ def test_resume_refuses_a_tampered_shard_before_anything_is_unpickled(tmp_path, 
         def load_checkpoint(self, path, tag):
             raise AssertionError("round 1's state loaded into round 2")
 
-    fresh = _restore(NoLoad(), None, 0, ray.train.Checkpoint.from_directory(str(intact)), 2)
+    fresh = _restore(NoLoad(), None, 0, ray.train.Checkpoint.from_directory(str(intact)), _round(2))
     assert (fresh.step, fresh.micro_done, fresh.applied, fresh.final) == (0, 0, [], False)
+
+
+def test_a_final_checkpoint_without_engine_state_marks_the_round_trained_and_a_streamed_round_resumes_none(
+        tmp_path):
+    import ray.train
+
+    from actors.train_worker import _restore
+
+    class NoLoad:
+        def load_checkpoint(self, *a, **kw):
+            raise AssertionError("DeepSpeed state loaded")
+
+    final = ray.train.Checkpoint.from_directory(str(_checkpoint(tmp_path / "a", engine_state=False)))
+    progress = _restore(NoLoad(), None, 0, final, _round(1))
+    assert progress.final and progress.stale and progress.step == 0  # trained; the engine must be built again
+    # A streamed round (no fixed shards) is trained again from its start, whatever its checkpoint holds.
+    streamed = _round(1)
+    streamed.shards = None
+    with_state = ray.train.Checkpoint.from_directory(str(_checkpoint(tmp_path / "b")))
+    progress = _restore(NoLoad(), None, 0, with_state, streamed)
+    assert (progress.final, progress.stale, progress.micro_done) == (False, False, 0)
 
 
 def test_a_rank_s_files_and_manifest_removed_together_are_noticed(tmp_path):
@@ -163,7 +194,7 @@ def test_a_rank_s_files_and_manifest_removed_together_are_noticed(tmp_path):
     for rel in ("deepspeed/ds/zero_rank1.pt", "pairs-applied-rank001.json", "sha256-rank001.json"):
         (ckpt / rel).unlink()
     with pytest.raises(IntegrityError, match="1 rank manifest"):
-        _restore(object(), None, 0, ray.train.Checkpoint.from_directory(str(ckpt)), 1)
+        _restore(object(), None, 0, ray.train.Checkpoint.from_directory(str(ckpt)), _round(1))
 
 
 def test_the_wrapper_refuses_to_load_an_unverified_file(tmp_path):
