@@ -72,7 +72,8 @@ def main() -> None:
             rounds[mode] = [round_breakdown(d, r) for r in range(1, cfg.run.rounds + 1)]
             pool.load_weights(policy)  # the next variant starts from the same engine state
         same = [pq.read_table(Path(tmp) / variants[0] / f"round-{r:03d}" / "pairs").equals(
-                pq.read_table(Path(tmp) / variants[-1] / f"round-{r:03d}" / "pairs")) for r in range(1, cfg0.run.rounds + 1)]
+                pq.read_table(Path(tmp) / variants[-1] / f"round-{r:03d}" / "pairs"))
+                for r in range(1, cfg0.run.rounds + 1)] if len(variants) > 1 else []
     pool.shutdown()
 
     print(f"\n{'round':>5} {'variant':>10} {'round s':>8} {'train s':>8} {'sampling s':>10} {'steps s':>8} "

@@ -145,16 +145,13 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
             group = trainers(samplers.placement)
             info = run_round_streaming(cfg, run, r, policy, reference, pool, out("checkpoint"), graders=graders(),
                                        group=group)
-            if group is not None:
-                samplers.offer(str(run.policy_dir(r)), group.weights(r))
-            return info
-        # Staged, or a streamed round whose pairs were recorded before its training was.
-        if not run.done(r, "pairs"):  # (a resumed round starts no engine it does not need)
-            run_sampling(cfg, run, r, policy, pool=samplers(policy), graders=graders())
-        samplers.before_training()  # colocated: the engines give the trainers their GPUs
-        group = trainers(samplers.placement)
-        info = run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference, run.train_dir(r),
-                            group=group, round_idx=r)
+        else:  # staged, or a streamed round whose pairs were recorded before its training was
+            if not run.done(r, "pairs"):  # (a resumed round starts no engine it does not need)
+                run_sampling(cfg, run, r, policy, pool=samplers(policy), graders=graders())
+            samplers.before_training()  # colocated: the engines give the trainers their GPUs
+            group = trainers(samplers.placement)
+            info = run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference,
+                                run.train_dir(r), group=group, round_idx=r)
         if group is not None:  # the engines take the new policy from the trainers' memory, not this checkpoint
             samplers.offer(str(run.policy_dir(r)), group.weights(r))
         return info

@@ -442,8 +442,8 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
         if own:
             group.close()
     # Hard links where the run directory and Ray Train's storage share a file system: the checkpoint
-    # is a round's largest output (the optimizer state is twice the weights), and Ray Train never
-    # rewrites a reported checkpoint's files, it only deletes old ones (which keeps our links).
+    # is a round's largest output, and Ray Train never rewrites a reported checkpoint's files, it
+    # only deletes old ones (which keeps our links).
     shutil.copytree(final, output_dir, copy_function=link_or_copy)
     if not checkpoint_has_policy(output_dir):
         raise RuntimeError(f"checkpoint {final} has no HF policy weights")
