@@ -93,6 +93,7 @@ class ReferencePool:
             # Streamed: each upstream block (one sampling batch's pairs) as it comes. A fixed batch
             # size makes Ray Data hold pairs back until that many have arrived, and a round of few
             # pairs per sampling batch then reached the workers only when sampling had ended.
+            # Staged: blocks too unless train.reference.batch_size says otherwise.
             batch_size=None if streamed else self.batch_size, batch_format="pyarrow", num_cpus=0,
             compute=proxy_tasks(len(self.actors)))
 
