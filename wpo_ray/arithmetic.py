@@ -211,32 +211,36 @@ def _long_mul(a: int, b: int) -> list[str]:
     return fields + ["+".join(shifted), str(a * b)]
 
 
-def _work_one(a: int, op: str, b: int) -> list[str]:
-    """The fields of one binary operation on non-negative operands, ending in its value."""
+def _work_one(a: int, op: str, b: int, fact_steps: bool = False) -> list[str]:
+    """The fields of one binary operation on non-negative operands, ending in its value. A 1-digit
+    fact is its bare value, or with `fact_steps` the fact written as a column step (``7*8|56``)."""
+    fact = [f"{a}{op}{b}"] if fact_steps else []
     if op == "+":
-        return [str(a + b)] if a < 10 and b < 10 else _column_add(a, b)
+        return [*fact, str(a + b)] if a < 10 and b < 10 else _column_add(a, b)
     if op == "-":
         if a < b:  # the other way round, then the sign
             inner = [str(b - a)] if b < 10 else _column_sub(b, a)
             return [f"{b}-{a}", *inner, str(a - b)]
-        return [str(a - b)] if a < 10 else _column_sub(a, b)
+        return [*fact, str(a - b)] if a < 10 else _column_sub(a, b)
     if a < 10 and b < 10:
-        return [str(a * b)]  # a table fact
+        return [*fact, str(a * b)]  # a table fact
     if b < 10 or a < 10:  # one multi-digit operand: digit by digit
         big, small = (a, b) if b < 10 else (b, a)
         return _times_digit(big, small)
     return _long_mul(a, b)
 
 
-def worked_solution(operands: list[int], ops: list[str]) -> str:
+def worked_solution(operands: list[int], ops: list[str], fact_steps: bool = False) -> str:
     """A one-line worked solution whose last ``|``-separated field is the answer.
 
     A single operation is worked column by column (see the helpers above); a 1-digit fact is just
-    its value. A longer expression is worked one operation at a time in evaluation order
+    its value, or with `fact_steps` (``data.arithmetic.fact_steps``) written as a column step
+    writes it (``7*8|56``): the bootstrapped tiny policy then gets most 1-digit facts right,
+    where as bare values it got 15% of 1-digit sums (docs/RESULTS.md). A longer expression is worked one operation at a time in evaluation order
     (multiplications first), each as ``x op y | value``, so ``12*7-9`` → ``12*7|84|84-9|75``.
     """
     if len(ops) == 1:
-        return "|".join(_work_one(operands[0], ops[0], operands[1]))
+        return "|".join(_work_one(operands[0], ops[0], operands[1], fact_steps))
     fields: list[str] = []
     values, rest_ops = list(operands), list(ops)
     for wanted in ("*", "+-"):  # precedence: multiplication chains, then +/- left to right
@@ -250,6 +254,13 @@ def worked_solution(operands: list[int], ops: list[str]) -> str:
             else:
                 i += 1
     return "|".join(fields)
+
+
+def format_fingerprint(fact_steps: bool = False) -> str:
+    """The worked solutions of one question per branch of :func:`_work_one` (and a longer one):
+    it changes whenever the code's format does, so a policy cached for another is not reused."""
+    probes = ("3+5=", "5-2=", "3-5=", "7*8=", "37+48=", "82-37=", "33-85=", "37*8=", "37*48=", "12*7-9=")
+    return ";".join(worked_solution(*tokenize(p), fact_steps) for p in probes)
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -339,7 +350,7 @@ def _generate(cfg: ArithmeticTaskConfig, split: str, n: int, exclude: frozenset[
                 "prompt_id": f"arith-{split}-{len(rows):06d}",
                 "prompt": prompt,
                 "gold_answer": answer,
-                "gold_solution": worked_solution(*tokenize(prompt)) if cfg.format == "worked" else answer,
+                "gold_solution": worked_solution(*tokenize(prompt), cfg.fact_steps) if cfg.format == "worked" else answer,
                 "difficulty": bucket,
             }
         )

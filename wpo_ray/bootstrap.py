@@ -34,10 +34,12 @@ def bootstrap_key(cfg: Config) -> str:
     b.pop("cache_dir")
     # n_train (prompts per round) does not enter the SFT; n_test does (test prompts are excluded).
     task = cfg.data.arithmetic.model_dump(mode="json", exclude={"n_train"})
-    from .arithmetic import ALPHABET  # the tokenizer's vocabulary
+    from .arithmetic import ALPHABET, format_fingerprint  # the tokenizer's vocabulary; the SFT targets' form
 
     what = {"bootstrap": b, "task": task, "seed": cfg.run.seed, "max_tokens": cfg.sampling.max_tokens,
             "alphabet": ALPHABET}
+    if cfg.data.arithmetic.format == "worked":
+        what["worked"] = format_fingerprint(cfg.data.arithmetic.fact_steps)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -139,6 +139,8 @@ class ArithmeticTaskConfig(_Strict):
     # answer: the response is the bare result; worked: a one-line worked solution ending in it
     # (wpo_ray/arithmetic.py), which the SFT targets and gold answers of pairs follow too.
     format: Literal["answer", "worked"] = "answer"
+    # worked: 1-digit facts as a column step writes them (7*8|56) instead of the bare value (56).
+    fact_steps: bool = False
 
 
 class DataConfig(_Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -233,6 +234,7 @@ def test_default_task_has_every_bucket_with_single_operations():
     [
         ("7*8=", "56"),  # a table fact is just its value
         ("3+5=", "8"),
+        ("5-2=", "3"),
         ("37+48=", "7+8|15|3+4+1|8|85"),  # column sums with the carry
         ("8+37=", "8+7|15|3+1|4|45"),
         ("85+37=", "5+7|12|8+3+1|12|122"),
@@ -251,6 +253,15 @@ def test_worked_solution_by_hand(expr, solution):
     assert ar.worked_solution(*ar.tokenize(expr)) == solution
 
 
+@pytest.mark.parametrize("expr, solution", [("7*8=", "7*8|56"), ("3+5=", "3+5|8"), ("5-2=", "5-2|3"),
+                                            ("3-5=", "5-3|2|-2"), ("37*8=", "7*8|56|3*8+5|29|296")])
+def test_fact_steps_write_one_digit_facts_as_column_steps(expr, solution):
+    assert ar.worked_solution(*ar.tokenize(expr), fact_steps=True) == solution
+    rows = ar.make_split(ArithmeticTaskConfig(format="worked", fact_steps=True), "train", n=300)
+    facts = [r for r in rows if re.fullmatch(r"\d[+*-]\d=", r["prompt"]) and not r["gold_answer"].startswith("-")]
+    assert facts and all(r["gold_solution"] == f"{r['prompt'][:-1]}|{r['gold_answer']}" for r in facts)
+
+
 def test_worked_solutions_end_in_the_answer_and_grade_correct():
     from wpo_ray.graders import arithmetic_check
 
@@ -264,3 +275,17 @@ def test_worked_solutions_end_in_the_answer_and_grade_correct():
     bare = ar.make_split(cfg.model_copy(update={"format": "answer"}), "train", n=600)
     assert [r["prompt"] for r in bare] == [r["prompt"] for r in rows]  # the format changes no question
     assert all(r["gold_solution"] == r["gold_answer"] for r in bare)
+
+
+def test_a_change_of_worked_format_is_a_new_bootstrap_cache_entry(monkeypatch):
+    from wpo_ray.bootstrap import bootstrap_key
+    from wpo_ray.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    worked = load_config(root / "configs" / "tiny-cpu.yaml")
+    bare = load_config(root / "configs" / "tiny-cpu.yaml", ["data.arithmetic.format=answer"])
+    before = bootstrap_key(worked), bootstrap_key(bare)
+    assert ar.format_fingerprint().startswith("8;3;") and ar.format_fingerprint(True).startswith("3+5|8;5-2|3;")
+    monkeypatch.setattr(ar, "format_fingerprint", lambda fact_steps=False: "another format")
+    assert bootstrap_key(worked) != before[0]
+    assert bootstrap_key(bare) == before[1]  # the bare format has no worked solutions to change
