@@ -41,7 +41,9 @@ def child(args) -> int:
     from wpo_ray.config import load_config
     from wpo_ray.rundir import RunDir
 
-    overrides = [f"model.path={args.model}", f"data.arithmetic.n_train={args.n}", f"sampling.n={args.samples}",
+    # One round of all n prompts (the default config spreads its train split over 5 rounds).
+    overrides = [f"model.path={args.model}", f"data.arithmetic.n_train={args.n}", f"data.prompts_per_round={args.n}",
+                 "run.rounds=1", f"sampling.n={args.samples}",
                  f"sampling.backend={args.backend}", f"run.dir={args.run_dir}", f"run.seed={args.seed}",
                  "ray.address=local"]  # always an embedded Ray of our own, never a cluster of another job
     if args.model == "builtin:tiny":
