@@ -236,8 +236,9 @@ def worked_solution(operands: list[int], ops: list[str], fact_steps: bool = Fals
     A single operation is worked column by column (see the helpers above); a 1-digit fact is just
     its value, or with `fact_steps` (``data.arithmetic.fact_steps``) written as a column step
     writes it (``7*8|56``): the bootstrapped tiny policy then gets most 1-digit facts right,
-    where as bare values it got 15% of 1-digit sums (docs/RESULTS.md). A longer expression is worked one operation at a time in evaluation order
-    (multiplications first), each as ``x op y | value``, so ``12*7-9`` → ``12*7|84|84-9|75``.
+    whereas as bare values it got 15% of 1-digit sums (docs/RESULTS.md). A longer expression is
+    worked one operation at a time in evaluation order (multiplications first), each as
+    ``x op y | value``, so ``12*7-9`` → ``12*7|84|84-9|75``.
     """
     if len(ops) == 1:
         return "|".join(_work_one(operands[0], ops[0], operands[1], fact_steps))

@@ -257,6 +257,9 @@ def test_worked_solution_by_hand(expr, solution):
                                             ("3-5=", "5-3|2|-2"), ("37*8=", "7*8|56|3*8+5|29|296")])
 def test_fact_steps_write_one_digit_facts_as_column_steps(expr, solution):
     assert ar.worked_solution(*ar.tokenize(expr), fact_steps=True) == solution
+
+
+def test_fact_steps_reach_the_gold_solutions_of_a_split():
     rows = ar.make_split(ArithmeticTaskConfig(format="worked", fact_steps=True), "train", n=300)
     facts = [r for r in rows if re.fullmatch(r"\d[+*-]\d=", r["prompt"]) and not r["gold_answer"].startswith("-")]
     assert facts and all(r["gold_solution"] == f"{r['prompt'][:-1]}|{r['gold_answer']}" for r in facts)
