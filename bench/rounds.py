@@ -11,7 +11,8 @@ and schedule every round in both, so both should record the same pairs in every 
 
 Prints each variant's wall time, the ratio persistent / per_round, and per round the seconds
 outside sampling and optimizer steps (start-up, reference log-probs, grading, pairing,
-checkpoints, evaluation) as a share of the round.
+checkpoints, evaluation not overlapped) as a share of the round's wall time, and the stages that
+ran inside the round's span (the previous round's evaluation runs there: eval.overlap).
 """
 
 from __future__ import annotations
@@ -25,16 +26,30 @@ from pathlib import Path
 from _common import ROOT, header
 
 
-def round_breakdown(run_dir: Path, r: int) -> dict:
-    """Round r's seconds from the manifest and the step metrics: the whole round, sampling, optimizer steps."""
+def round_breakdown(run_dir: Path, r: int, rounds: int) -> dict:
+    """Round r's seconds from the manifest and the step metrics: the round's wall time (from its
+    first stage's start to the next round's, or to its own last stage's end for the last round),
+    sampling, optimizer steps. Round r - 1's evaluation runs inside round r's span (eval.overlap),
+    so the spans add up to the run and no evaluation is counted twice."""
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    mine = {k.split("/")[1]: v for k, v in stages.items() if k.startswith(f"round-{r:03d}/")}
+
+    def of(k: int) -> dict:
+        return {key.split("/")[1]: v for key, v in stages.items() if key.startswith(f"round-{k:03d}/")}
+
+    mine = of(r)
+    start = min(v["started_unix"] for k, v in mine.items() if k != "eval")
+    end = (min(v["started_unix"] for k, v in of(r + 1).items() if k != "eval") if r < rounds
+           else max(v["ended_unix"] for v in mine.values()))
     metrics = run_dir / f"round-{r:03d}" / "train" / "metrics.jsonl"
     steps = sum(json.loads(x)["step_seconds"] for x in metrics.read_text().splitlines() if x.strip())
-    total = sum(v.get("seconds", 0.0) for v in mine.values())
-    return {"round": total, "train": mine["train"]["seconds"], "sampling": mine["samples"]["seconds"],
-            "steps": steps, "other_share": (total - mine["samples"]["seconds"] - steps) / total,
-            "stages": {k: v.get("seconds", 0.0) for k, v in mine.items() if k not in ("train", "samples")}}
+    wall = end - start
+    inside = {f"{k} (round {r})": v.get("seconds", 0.0) for k, v in mine.items() if k not in ("train", "samples", "eval")}
+    for k in (r - 1, r):  # whichever evaluation started inside the span
+        e = of(k).get("eval")
+        if e and start <= e["started_unix"] < end + 0.01:
+            inside[f"eval (round {k})"] = e["seconds"]
+    return {"round": wall, "train": mine["train"]["seconds"], "sampling": mine["samples"]["seconds"],
+            "steps": steps, "other_share": (wall - mine["samples"]["seconds"] - steps) / wall, "stages": inside}
 
 
 def main() -> None:
@@ -69,7 +84,7 @@ def main() -> None:
             t0 = time.perf_counter()
             run_rounds(cfg, RunDir(cfg), pool=pool)
             walls[mode] = time.perf_counter() - t0
-            rounds[mode] = [round_breakdown(d, r) for r in range(1, cfg.run.rounds + 1)]
+            rounds[mode] = [round_breakdown(d, r, cfg.run.rounds) for r in range(1, cfg.run.rounds + 1)]
             pool.load_weights(policy)  # the next variant starts from the same engine state
         same = [pq.read_table(Path(tmp) / variants[0] / f"round-{r:03d}" / "pairs").equals(
                 pq.read_table(Path(tmp) / variants[-1] / f"round-{r:03d}" / "pairs"))
@@ -82,7 +97,7 @@ def main() -> None:
         for r, x in enumerate(rounds[mode], 1):
             print(f"{r:>5} {mode:>10} {x['round']:>8.1f} {x['train']:>8.1f} {x['sampling']:>10.1f} {x['steps']:>8.1f} "
                   f"{x['other_share']:>11.2f}")
-    print(f"\nthe other stages' seconds, round by round ({variants[-1]}):")
+    print(f"\nthe other stages inside each round's span, in seconds ({variants[-1]}):")
     for r, x in enumerate(rounds[variants[-1]], 1):
         print(f"  round {r}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(x["stages"].items())))
     if len(variants) < 2:

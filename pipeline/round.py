@@ -6,6 +6,10 @@
               the engines take the new policy in place for round r + 1, from the trainers' memory
               (sampling.weight_handover=memory) or the checkpoint
 
+With `eval.overlap` (the default) round r's evaluation waits until round r + 1 has drawn its
+samples with the same policy, then runs on the otherwise idle engines while round r + 1 grades,
+pairs and trains (`LazySamplers.defer`); it always finishes before the engines change policy.
+
 Every stage goes through the run directory's stage protocol (`RunDir.stage`): a finished stage is
 recorded in the manifest and never recomputed, so rerunning the same command resumes at the first
 unfinished one. `run.overlap=streaming` runs a round's sampling half and training as one Ray Data
@@ -14,8 +18,10 @@ pipeline (pipeline/streaming.py); staged (the default) finishes the sampling hal
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from typing import Callable
 
 from pipeline.evaluation import accuracy_table, eval_stage
 from pipeline.sampling import run_sampling
@@ -39,8 +45,43 @@ class LazySamplers:
         self.cfg, self.pool, self.owned = cfg, pool, pool is None
         self.placement, self.asleep = cfg.run.placement, False
         self.offered = None  # (policy path, object ref of its weights): the trainer group's hand-over
+        self.deferred = None  # (policy, job): work that needs the engines on `policy`, not started yet
+        self.pending = None  # (policy, future): that work, running in the background
         if pool is not None:
             self._resolve_placement()
+
+    def defer(self, policy: str, job: Callable[[], object]) -> None:
+        """Run `job` (a round's evaluation of `policy`, the engines' current policy) when the
+        engines are next idle (`engines_idle`: the next round has drawn its samples, with the same
+        policy), in the background while that round grades, pairs and trains; at the latest before
+        the engines change policy or go to sleep (`settle`)."""
+        self.settle()
+        self.deferred = (policy, job)
+
+    def engines_idle(self) -> None:
+        """The engines have nothing to do until the next hand-over: start the deferred job."""
+        if self.deferred is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            (policy, job), self.deferred = self.deferred, None
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deferred-eval")
+            self.pending = (policy, executor.submit(job))
+            executor.shutdown(wait=False)
+
+    def settle(self) -> None:
+        """Finish the deferred job: run it now if it has not started, else wait for it (its error
+        is raised here)."""
+        deferred, self.deferred = self.deferred, None
+        if deferred is not None:
+            deferred[1]()
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending[1].result()
+
+    def _settle_unless(self, policy: str) -> None:
+        held = self.pending or self.deferred
+        if held is not None and held[0] != policy:
+            self.settle()
 
     def offer(self, policy: str, weights) -> None:
         """The trainers hold `policy`'s weights in memory (`weights`, an object ref): the engines'
@@ -48,6 +89,7 @@ class LazySamplers:
         self.offered = (policy, weights) if weights is not None else None
 
     def __call__(self, policy: str):
+        self._settle_unless(policy)  # deferred work needs the engines' current policy
         if self.pool is None:
             from actors.sampler import SamplerPool
 
@@ -63,6 +105,8 @@ class LazySamplers:
 
     def before_training(self) -> None:
         steps = colocation.before_training(self.placement, self.pool is not None, self.asleep)
+        if steps:  # a sleeping engine evaluates nothing: the deferred job finishes first
+            self.settle()
         self._do(steps, None)
         self.asleep = self.asleep or "sleep" in steps
 
@@ -85,6 +129,15 @@ class LazySamplers:
                 raise ValueError(f"unknown engine call {step!r}")
 
     def shutdown(self) -> None:
+        """Stop the engines. A job not started yet is dropped (the run is ending on an error; the
+        resumed run redoes it); a running one is waited for, so that it records its result."""
+        self.deferred = None
+        if self.pending is not None:
+            log.info("[run] waiting for the evaluation of %s to finish", self.pending[0])
+            try:
+                self.settle()
+            except Exception:  # noqa: BLE001 - the run already fails for another reason
+                log.exception("[run] the background evaluation failed too")
         if self.pool is not None and self.owned:
             self.pool.shutdown()
 
@@ -141,13 +194,16 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
 
     def produce(out) -> dict:
         if cfg.run.overlap == "streaming" and not run.done(r, "pairs"):
+            samplers.settle()  # a streamed round keeps the engines busy until its training ends
             pool = samplers(policy)
             group = trainers(samplers.placement)
             info = run_round_streaming(cfg, run, r, policy, reference, pool, out("checkpoint"), graders=graders(),
                                        group=group)
         else:  # staged, or a streamed round whose pairs were recorded before its training was
             if not run.done(r, "pairs"):  # (a resumed round starts no engine it does not need)
-                run_sampling(cfg, run, r, policy, pool=samplers(policy), graders=graders())
+                run_sampling(cfg, run, r, policy, pool=samplers(policy), graders=graders(),
+                             after_samples=samplers.engines_idle)
+            samplers.engines_idle()  # (pairs recorded before a restart: the engines idle from here too)
             samplers.before_training()  # colocated: the engines give the trainers their GPUs
             group = trainers(samplers.placement)
             info = run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference,
@@ -187,16 +243,25 @@ def run_rounds(cfg: Config, run: RunDir, pool=None, graders=None) -> int:
     check_cluster(cfg)
     initial = resolve_policy(cfg)
     samplers, graders, trainers = LazySamplers(cfg, pool), LazyGraders(cfg, graders), LazyTrainers(cfg, run)
+
+    def evaluate(r: int, policy: str) -> None:
+        if run.done(r, "eval"):
+            return
+        job = functools.partial(eval_stage, cfg, run, r, policy, samplers(policy))
+        if cfg.eval.overlap and r < cfg.run.rounds:  # round r + 1 samples this policy first
+            samplers.defer(policy, job)
+        else:
+            job()
+
     try:
-        if not run.done(0, "eval"):
-            eval_stage(cfg, run, 0, initial, samplers(initial))
+        evaluate(0, initial)
         policy = initial
         for r in range(1, cfg.run.rounds + 1):
             reference = initial if cfg.run.reference == "initial" else policy
             train_round(cfg, run, r, policy, reference, samplers, graders, trainers)
             policy = str(run.policy_dir(r))
-            if not run.done(r, "eval"):
-                eval_stage(cfg, run, r, policy, samplers(policy))
+            evaluate(r, policy)
+        samplers.settle()
     finally:
         trainers.close()
         graders.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 from wpo_ray import contracts
 from wpo_ray.cluster import data_context
 from wpo_ray.config import Config
-from wpo_ray.pairing import split_pairs_and_skips
+from wpo_ray.pairing import PAIRS_AND_SKIPS, split_pairs_and_skips
 from wpo_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -142,14 +143,33 @@ def length_check(cfg: Config, policy_path: str):
     return LengthCheck(policy_path, train_max_length(cfg), cfg.model.trust_remote_code)
 
 
-def pairs_stage(run: RunDir, r: int, source) -> dict:
-    """Write the round's pairs and skips, `source()` -> (pairs, skips) Ray datasets, in prompt_id
+def write_pairs_and_skips(both, pairs_out: Path, skips_out: Path) -> None:
+    """Write a PAIRS_AND_SKIPS Ray dataset as the round's pairs and skips, in prompt_id order, with
+    one Ray Data execution: the combined rows go to a scratch directory, then each of its files is
+    split in two under the same name (so name order stays prompt_id order). The driver holds one
+    file's rows at a time (a sampling batch's)."""
+    scratch = pairs_out.with_name("pairs-and-skips.tmp")  # (*.tmp: a crash leaves nothing a rerun keeps)
+    shutil.rmtree(scratch, ignore_errors=True)
+    write_in_order(both, scratch, PAIRS_AND_SKIPS)
+    pairs_out.mkdir(parents=True)
+    skips_out.mkdir(parents=True)
+    for f in ordered_files(scratch) or []:
+        for table, d in zip(split_pairs_and_skips(pq.read_table(f)), (pairs_out, skips_out)):
+            if table.num_rows:
+                pq.write_table(table, d / Path(f).name)
+    for d, schema in ((pairs_out, contracts.PAIRS), (skips_out, contracts.SKIPS)):
+        if not any(d.glob("*.parquet")):  # its schema, readable with no rows
+            pq.write_table(schema.empty_table(), d / "empty.parquet")
+    shutil.rmtree(scratch)
+
+
+def pairs_stage(run: RunDir, r: int, write: Callable[[Path, Path], None]) -> dict:
+    """Write the round's pairs and skips, `write(pairs_dir, skips_dir)` writing them in prompt_id
     order; check that every prompt became one of them."""
 
     def produce(out) -> dict:
-        pairs, skips = source()
-        n_pairs = write_in_order(pairs, out("pairs"), contracts.PAIRS)
-        write_in_order(skips, out("skips"), contracts.SKIPS)
+        write(out("pairs"), out("skips"))
+        n_pairs = count_rows(out("pairs"))
         pq.write_table(pq.read_table(run.output(r, "prompts") / "bad_rows.parquet"), out("skips") / "bad_rows.parquet")
         n_skips = count_rows(out("skips"))
         prompts = run.done(r, "prompts")
@@ -165,12 +185,14 @@ def pairs_stage(run: RunDir, r: int, source) -> dict:
     return info
 
 
-def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, graders=None) -> dict:
+def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, graders=None,
+                 after_samples: Callable[[], None] | None = None) -> dict:
     """Run (or resume) the sampling half of round r with the policy at `policy_path`.
 
     `pool` is the run's SamplerPool and `graders` its GraderPool (both kept across rounds); what is
-    not given is started when needed and shut down on return. Returns the round's
-    pair/skip accounting.
+    not given is started when needed and shut down on return. `after_samples` is called once the
+    samples are recorded (the engines are idle from then on). Returns the round's pair/skip
+    accounting.
     """
     import ray.data
 
@@ -206,16 +228,15 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
         ds = grader_pool().grade_stage(ray.data.read_parquet(str(run.output(r, "samples"))))
         return dict(rows=write_in_order(ds, out("graded"), contracts.GRADED))
 
-    def pairs_and_skips():
-        # One pairing pass over the graded table, kept in the object store (not the driver) and
-        # split into the two outputs.
+    def pairs_and_skips(pairs_out: Path, skips_out: Path) -> None:
         both = grader_pool().pair_stage(ray.data.read_parquet(str(run.output(r, "graded"))), r, cfg.weighting,
-                                        length_check(cfg, policy_path)).materialize()
-        return tuple(both.map_batches(lambda t, i=i: split_pairs_and_skips(t)[i], batch_format="pyarrow")
-                     for i in (0, 1))
+                                        length_check(cfg, policy_path))
+        write_pairs_and_skips(both, pairs_out, skips_out)
 
     try:
         run.stage(r, "samples", samples)
+        if after_samples is not None:
+            after_samples()
         run.stage(r, "graded", graded)
         return pairs_stage(run, r, pairs_and_skips)
     finally:  # what this call started, it stops (their CPUs are held until then)

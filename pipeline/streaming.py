@@ -101,7 +101,12 @@ def run_round_streaming(cfg: Config, run: RunDir, r: int, policy_path: str, refe
         run.stage(r, stage, lambda out, stage=stage, schema=schema: dict(
             rows=write_in_order(read_in_order(parts / stage), out(stage), schema),
             policy=policy_path, backend=cfg.sampling.backend, overlap="streaming"))
-    pairs_stage(run, r, lambda: (read_in_order(parts / "pairs"), read_in_order(parts / "skips")))
+
+    def pairs_and_skips(pairs_out: Path, skips_out: Path) -> None:
+        write_in_order(read_in_order(parts / "pairs"), pairs_out, contracts.PAIRS)
+        write_in_order(read_in_order(parts / "skips"), skips_out, contracts.SKIPS)
+
+    pairs_stage(run, r, pairs_and_skips)
     shutil.rmtree(parts, ignore_errors=True)
     info["pairs"] = run.done(r, "pairs")["pairs"]
     info["overlap"] = "streaming"

@@ -428,6 +428,10 @@ class EvalConfig(_Strict):
     # chosen on, so that the test split is only reported. The arithmetic task's dev split is the
     # bootstrap's held-out slice; a file-based dataset names it in data.dev_path.
     dev: bool = False
+    # Evaluate round r's policy while round r + 1 grades, pairs and trains: round r + 1 draws its
+    # samples with that policy first, and the engines then idle until the next hand-over (or, when
+    # colocated, until they go to sleep for training). false: evaluate before the next round starts.
+    overlap: bool = True
 
 
 class Config(_Strict):

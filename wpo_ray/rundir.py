@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -188,6 +189,7 @@ class RunDir(RunLayout):
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest = self._read_manifest()
+        self._manifest_lock = threading.Lock()
         current = cfg.model_dump(mode="json")
         if self.config_file.exists():
             saved = yaml.safe_load(self.config_file.read_text()) or {}
@@ -226,8 +228,9 @@ class RunDir(RunLayout):
 
     def mark_done(self, r: int, stage: str, **info) -> None:
         info["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.manifest["stages"][self.key(r, stage)] = info
-        atomic_write_text(self.manifest_file, json.dumps(self.manifest, indent=2))
+        with self._manifest_lock:  # a round's evaluation may finish while the next round records a stage
+            self.manifest["stages"][self.key(r, stage)] = info
+            atomic_write_text(self.manifest_file, json.dumps(self.manifest, indent=2))
 
     def stage(self, r: int, name: str, produce: Callable[[Callable[[str], Path]], dict],
               outputs: tuple[str, ...] | None = None) -> dict:
@@ -254,6 +257,8 @@ class RunDir(RunLayout):
         t0 = time.time()
         info = produce(temps.__getitem__)
         info.setdefault("seconds", round(time.time() - t0, 1))
+        # When it ran (Unix seconds): stages of consecutive rounds can overlap (eval.overlap).
+        info["started_unix"], info["ended_unix"] = round(t0, 2), round(time.time(), 2)
         for o in outputs:
             commit(temps[o], finals[o])
         self.mark_done(r, name, **info)

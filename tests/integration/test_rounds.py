@@ -1,6 +1,7 @@
 """Iterative rounds through the whole pipeline: round 2 samples round 1's policy (the engine took
 its weights), its weights are recomputed from its own samples, the reference is the previous
-policy, and a driver interrupted inside round 2 resumes without redoing a finished stage."""
+policy, round 1's evaluation runs while round 2 grades and trains, and a driver interrupted inside
+round 2 resumes without redoing a finished stage."""
 
 from __future__ import annotations
 
@@ -88,6 +89,15 @@ def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_
         w2 = {p["prompt_id"]: p["weight"] for p in pq.read_table(run_dir / "round-002" / "pairs").to_pylist()}
         shared = w1.keys() & w2.keys()
         assert shared and any(w1[k] != w2[k] for k in shared), (w1, w2)
+
+        # Round 1's evaluation ran once round 2 had drawn its samples (eval.overlap), on the idle
+        # engine still holding round 1's policy, and it recorded what evaluating that policy gives.
+        assert before["round-001/eval"]["started_unix"] >= before["round-002/samples"]["ended_unix"]
+        from pipeline.evaluation import run_eval
+
+        vllm_pool.load_weights(policy1)
+        direct = json.loads(json.dumps(run_eval(cfg, policy1, sampler=vllm_pool)))
+        assert json.loads((run_dir / "round-001" / "eval.json").read_text()) == direct
     finally:
         vllm_pool.load_weights(tiny_policy)  # the shared engine as the other tests expect it
 

@@ -128,3 +128,69 @@ def test_weights_handed_over_in_memory_go_to_the_engines_only_for_the_policy_the
     samplers.offer("p3", None)  # a round that did not hand its weights over: nothing to use
     samplers("p3")
     assert pool.calls == [("load_weights", "p1", "ref-1")] and samplers.offered is None
+
+
+def test_a_deferred_evaluation_runs_while_the_engines_idle_and_ends_before_they_change_policy():
+    import threading
+
+    from pipeline.round import LazySamplers
+
+    pool = RecordingPool("p0", can_sleep=False)
+    samplers = LazySamplers(load_config(TINY), pool)
+    started, release = threading.Event(), threading.Event()
+
+    def evaluate_p0():
+        started.set()
+        assert release.wait(10)
+        pool.calls.append(("evaluated", "p0", threading.current_thread() is threading.main_thread()))
+
+    samplers.defer("p0", evaluate_p0)
+    samplers("p0")  # round 1 samples the same policy: the evaluation waits, nothing is loaded
+    assert not started.is_set() and pool.calls == []
+    samplers.engines_idle()  # round 1's samples are drawn: it starts, in the background
+    assert started.wait(10)
+    samplers.before_training()  # separate placement: training does not wait for it
+    samplers.offer("p1", "ref-1")
+    release.set()
+    samplers("p1")  # the hand-over waits for it
+    assert pool.calls == [("evaluated", "p0", False), ("load_weights", "p1", "ref-1")]
+
+
+def test_a_deferred_evaluation_ends_before_colocated_engines_sleep_and_runs_inline_if_they_never_idle():
+    from pipeline.round import LazySamplers
+
+    pool = RecordingPool("p0", can_sleep=True)
+    samplers = LazySamplers(load_config(GSM8K), pool)
+    samplers.defer("p0", lambda: pool.calls.append(("evaluated", "p0")))
+    samplers("p0")
+    samplers.engines_idle()
+    samplers.before_training()
+    assert pool.calls == [("evaluated", "p0"), ("sleep", colocation.SLEEP_LEVEL)]
+
+    pool = RecordingPool("p0", can_sleep=False)
+    samplers = LazySamplers(load_config(TINY), pool)
+    samplers.defer("p0", lambda: pool.calls.append(("evaluated", "p0")))
+    samplers.offer("p1", "ref-1")  # (a resumed run whose next round had sampled already: no idle point)
+    samplers("p1")
+    assert pool.calls == [("evaluated", "p0"), ("load_weights", "p1", "ref-1")]
+
+
+def test_a_failed_deferred_evaluation_fails_the_run_and_shutdown_waits_for_a_running_one():
+    from pipeline.round import LazySamplers
+
+    def broken():
+        raise ValueError("grader crashed")
+
+    samplers = LazySamplers(load_config(TINY), RecordingPool("p0", can_sleep=False))
+    samplers.defer("p0", broken)
+    samplers.engines_idle()
+    with pytest.raises(ValueError, match="grader crashed"):
+        samplers.settle()
+
+    done = []
+    samplers.defer("p1", lambda: done.append("p1"))
+    samplers.engines_idle()
+    samplers.shutdown()  # running: waited for, so that it records its result
+    samplers.defer("p2", lambda: done.append("p2"))
+    samplers.shutdown()  # not started: dropped (the resumed run evaluates p2)
+    assert done == ["p1"] and samplers.pending is None and samplers.deferred is None
