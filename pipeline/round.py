@@ -163,7 +163,8 @@ class LazyGraders:
 
 
 class LazyTrainers:
-    """The run's trainer group (pipeline/training.py), started on the first round that trains and
+    """The run's trainer group (pipeline/training.py), started when the run starts (if a round
+    still trains: its start-up then runs beside round 0's evaluation and round 1's sampling) and
     kept for the rest of the run (`run.trainers: persistent`), staged and streamed rounds alike.
     None where each round starts its own: `run.trainers: per_round`, and colocated engines, which
     need the trainers' GPUs given back between rounds."""
@@ -182,6 +183,16 @@ class LazyTrainers:
             self.group = TrainerGroup(self.cfg, self.run.trainers_dir)
             log.info("[run] trainer group started: %d worker(s) for every round", self.cfg.train.num_workers)
         return self.group
+
+    def start(self, placement: str, reference: str) -> None:
+        """Start the group now, and the RefLogp pool its rounds need (on `reference`; each round's
+        stage names its own), so that their start-ups overlap the work before the first training."""
+        group = self(placement)
+        t = self.cfg.train
+        if group is not None and group.reference is None and t.loss.needs_reference and t.reference_logps == "precomputed":
+            from actors.ref_logp import ReferencePool
+
+            group.reference = ReferencePool(self.cfg, reference)  # stopped with the group
 
     def close(self) -> None:
         if self.group is not None:
@@ -254,6 +265,11 @@ def run_rounds(cfg: Config, run: RunDir, pool=None, graders=None) -> int:
             job()
 
     try:
+        if any(not run.done(r, "train") for r in range(1, cfg.run.rounds + 1)):
+            # The trainer group's and the RefLogp pool's start-ups (Ray Train's workers, DeepSpeed's
+            # import, the reference model) run beside round 0's evaluation and round 1's sampling.
+            samplers(initial)  # (the engines' placement decides whether the group lives for the run)
+            trainers.start(samplers.placement, initial)
         evaluate(0, initial)
         policy = initial
         for r in range(1, cfg.run.rounds + 1):

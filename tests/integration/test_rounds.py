@@ -39,9 +39,13 @@ def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_
     try:
         # Interrupted once round 2's graded answers are in place, before they are recorded.
         arm(failpoints, "driver.graded.committed", hit=2, action="interrupt")
-        with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.INFO, logger="actors.sampler"):
+        with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.INFO):
             run_rounds(cfg, RunDir(cfg), pool=vllm_pool, graders=grader_pool)
         assert fired(failpoints, "driver.graded.committed")
+        # The trainer group started with the run, before round 1 had drawn its samples.
+        said = [r.getMessage() for r in caplog.records]
+        started = next(i for i, m in enumerate(said) if "trainer group started" in m)
+        assert started < next(i for i, m in enumerate(said) if "[round 1] samples: done" in m)
         # Round 1's policy reached the engine from the trainer group's memory, not from its checkpoint.
         loaded = [r.getMessage() for r in caplog.records if "new policy" in r.getMessage()]
         assert len(loaded) == 1 and "from the trainers' memory" in loaded[0], loaded
