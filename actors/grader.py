@@ -22,7 +22,7 @@ from wpo_ray.config import Config, WeightingConfig
 from wpo_ray.failpoints import failpoint
 from wpo_ray.graders import get_grader
 from wpo_ray.logs import setup_worker_logging
-from wpo_ray.pairing import pairs_and_skips_batch
+from wpo_ray.pairing import pairs_and_skips_batch, with_outcomes
 
 
 class GraderActor:
@@ -77,6 +77,11 @@ class GraderActor:
             too_long = self.length_check
         return pairs_and_skips_batch(graded, round_idx, WeightingConfig.model_validate(weighting), too_long)
 
+    def grade_and_pair(self, batch: pa.Table, round_idx: int, weighting: dict, too_long=None) -> pa.Table:
+        """samples → graded rows with their pairs and skips (GRADED_AND_OUTCOMES): `grade`, then `pair`."""
+        graded = self.grade(batch)
+        return with_outcomes(graded, self.pair(graded, round_idx, weighting, too_long))
+
     def info(self) -> dict:
         """Which process this is and how often it loaded a tokenizer (tests check the pool persists)."""
         return {"pid": os.getpid(), "tokenizer_loads": self.tokenizer_loads}
@@ -115,6 +120,15 @@ class GraderPool:
         from actors.stages import pair_batch, proxy_tasks
 
         return ds.map_batches(pair_batch, fn_kwargs=dict(
+            actors=self.actors, round_idx=round_idx, weighting=weighting.model_dump(), too_long=too_long),
+            batch_size=None, batch_format="pyarrow", num_cpus=0, compute=proxy_tasks(len(self.actors), 2))
+
+    def grade_and_pair_stage(self, ds, round_idx: int, weighting: WeightingConfig, too_long=None):
+        """samples → graded rows with their pairs and skips (GRADED_AND_OUTCOMES), as one lazy Ray
+        Data stage: a staged round grades and pairs in one execution."""
+        from actors.stages import grade_and_pair_batch, proxy_tasks
+
+        return ds.map_batches(grade_and_pair_batch, fn_kwargs=dict(
             actors=self.actors, round_idx=round_idx, weighting=weighting.model_dump(), too_long=too_long),
             batch_size=None, batch_format="pyarrow", num_cpus=0, compute=proxy_tasks(len(self.actors), 2))
 

@@ -86,6 +86,13 @@ def pair_batch(batch: pa.Table, actors: list, round_idx: int, weighting: dict, t
     return ray.get(actors[actor_for(batch, len(actors))].pair.remote(batch, round_idx, weighting, too_long))
 
 
+def grade_and_pair_batch(batch: pa.Table, actors: list, round_idx: int, weighting: dict, too_long=None) -> pa.Table:
+    """samples → graded rows with their pairs and skips (GRADED_AND_OUTCOMES) on one of the `GraderActor`s."""
+    import ray
+
+    return ray.get(actors[actor_for(batch, len(actors))].grade_and_pair.remote(batch, round_idx, weighting, too_long))
+
+
 def ref_logp_batch(batch: pa.Table, actors: list, model_path: str) -> pa.Table:
     """pairs → pairs with reference log-probs under `model_path`, on one of the `RefLogpActor`s."""
     import ray

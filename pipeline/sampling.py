@@ -1,7 +1,8 @@
 """The first half of a round: prompts → samples → graded → pairs + skips, as Parquet.
 
 Each stage reads the previous stage's Parquet with Ray Data, maps it over an actor pool, and
-writes its own output through the run directory's stage protocol (`RunDir.stage`). Rows stream
+writes its own output through the run directory's stage protocol (`RunDir.stage`); grading and
+pairing share one execution (the grader actors do both) and record two stages. Rows stream
 through the actors; the driver never holds a stage's data.
 """
 
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 from wpo_ray import contracts
 from wpo_ray.cluster import data_context
 from wpo_ray.config import Config
-from wpo_ray.pairing import PAIRS_AND_SKIPS, split_pairs_and_skips
+from wpo_ray.pairing import GRADED_AND_OUTCOMES, PAIRS_AND_SKIPS, split_outcomes, split_pairs_and_skips
 from wpo_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -143,23 +144,29 @@ def length_check(cfg: Config, policy_path: str):
     return LengthCheck(policy_path, train_max_length(cfg), cfg.model.trust_remote_code)
 
 
+def split_files(src: Path, split: Callable[[pa.Table], tuple[pa.Table, ...]], outs: list[tuple[Path, pa.Schema]]) -> None:
+    """Split each Parquet file of `src` (a stage's scratch output, in prompt_id order) with
+    `split` into one table per `(directory, schema)` of `outs`, written under the file's own name,
+    so that name order stays prompt_id order. The driver holds one file's rows at a time."""
+    for d, _ in outs:
+        d.mkdir(parents=True)
+    for f in ordered_files(src) or []:
+        for table, (d, _) in zip(split(pq.read_table(f)), outs):
+            if table.num_rows:
+                pq.write_table(table, d / Path(f).name)
+    for d, schema in outs:
+        if not any(d.glob("*.parquet")):  # its schema, readable with no rows
+            pq.write_table(schema.empty_table(), d / "empty.parquet")
+
+
 def write_pairs_and_skips(both, pairs_out: Path, skips_out: Path) -> None:
     """Write a PAIRS_AND_SKIPS Ray dataset as the round's pairs and skips, in prompt_id order, with
     one Ray Data execution: the combined rows go to a scratch directory, then each of its files is
-    split in two under the same name (so name order stays prompt_id order). The driver holds one
-    file's rows at a time (a sampling batch's)."""
+    split in two."""
     scratch = pairs_out.with_name("pairs-and-skips.tmp")  # (*.tmp: a crash leaves nothing a rerun keeps)
     shutil.rmtree(scratch, ignore_errors=True)
     write_in_order(both, scratch, PAIRS_AND_SKIPS)
-    pairs_out.mkdir(parents=True)
-    skips_out.mkdir(parents=True)
-    for f in ordered_files(scratch) or []:
-        for table, d in zip(split_pairs_and_skips(pq.read_table(f)), (pairs_out, skips_out)):
-            if table.num_rows:
-                pq.write_table(table, d / Path(f).name)
-    for d, schema in ((pairs_out, contracts.PAIRS), (skips_out, contracts.SKIPS)):
-        if not any(d.glob("*.parquet")):  # its schema, readable with no rows
-            pq.write_table(schema.empty_table(), d / "empty.parquet")
+    split_files(scratch, split_pairs_and_skips, [(pairs_out, contracts.PAIRS), (skips_out, contracts.SKIPS)])
     shutil.rmtree(scratch)
 
 
@@ -223,15 +230,32 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
         return dict(rows=write_in_order(ds, out("samples"), contracts.SAMPLES), policy=policy_path,
                     backend=s.backend, placement={"samplers": pool.placement})
 
+    # Grading and pairing are one Ray Data execution (each is a fraction of a second of work on a
+    # tiny round; an execution's start costs as much): its rows, graded rows with their pairs and
+    # skips, go to a scratch directory that the two stages then split into their outputs.
+    fused = run.round_dir(r) / "graded-and-outcomes.tmp"
+    fused_here = False  # written by this call (a resumed pairs stage pairs the recorded graded rows)
+
     def graded(out) -> dict:
+        nonlocal fused_here
+        shutil.rmtree(fused, ignore_errors=True)
         # A stage's own output is in order already (write_in_order): read as Ray Data lists it.
-        ds = grader_pool().grade_stage(ray.data.read_parquet(str(run.output(r, "samples"))))
-        return dict(rows=write_in_order(ds, out("graded"), contracts.GRADED))
+        ds = grader_pool().grade_and_pair_stage(ray.data.read_parquet(str(run.output(r, "samples"))), r,
+                                                cfg.weighting, length_check(cfg, policy_path))
+        write_in_order(ds, fused, GRADED_AND_OUTCOMES)
+        split_files(fused, lambda t: split_outcomes(t)[:1], [(out("graded"), contracts.GRADED)])
+        fused_here = True
+        return dict(rows=count_rows(out("graded")))
 
     def pairs_and_skips(pairs_out: Path, skips_out: Path) -> None:
-        both = grader_pool().pair_stage(ray.data.read_parquet(str(run.output(r, "graded"))), r, cfg.weighting,
-                                        length_check(cfg, policy_path))
-        write_pairs_and_skips(both, pairs_out, skips_out)
+        if fused_here:
+            split_files(fused, lambda t: split_outcomes(t)[1:], [(pairs_out, contracts.PAIRS),
+                                                                  (skips_out, contracts.SKIPS)])
+        else:
+            both = grader_pool().pair_stage(ray.data.read_parquet(str(run.output(r, "graded"))), r, cfg.weighting,
+                                            length_check(cfg, policy_path))
+            write_pairs_and_skips(both, pairs_out, skips_out)
+        shutil.rmtree(fused, ignore_errors=True)
 
     try:
         run.stage(r, "samples", samples)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from wpo_ray.config import WeightingConfig
-from wpo_ray.contracts import PAIRS, SKIP_REASONS, SKIPS, VERDICTS, ContractError
+from wpo_ray.contracts import GRADED, PAIRS, SKIP_REASONS, SKIPS, VERDICTS, ContractError
 
 # Columns of GRADED this module reads (grade_notes and round are carried but not needed).
 _NEEDED = (
@@ -46,6 +46,9 @@ PAIRS_AND_SKIPS = pa.schema(
     + [f if f.name in ("prompt_id", "round") else f.with_nullable(True) for f in PAIRS]
     + [f.with_nullable(True) for f in SKIPS if f.name not in ("prompt_id", "round")]
 )
+# A graded batch and its outcomes in one table, so that one Ray Data execution grades and pairs a
+# round: the GRADED columns plus each row's PAIRS_AND_SKIPS row as a struct.
+GRADED_AND_OUTCOMES = pa.schema(list(GRADED) + [pa.field("outcome", pa.struct(list(PAIRS_AND_SKIPS)))])
 
 
 # --------------------------------------------------------------------------------------- weights
@@ -264,3 +267,21 @@ def split_pairs_and_skips(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     skips = table.filter(pc.invert(is_pair)).select(SKIPS.names)
     # cast restores the non-null flags of the contracts (and fails loudly if a required value is null).
     return pairs.cast(PAIRS), skips.cast(SKIPS)
+
+
+def with_outcomes(graded: pa.Table, outcomes: pa.Table) -> pa.Table:
+    """A GRADED table and its `pairs_and_skips_batch` rows (one per graded row, in its order) as one
+    GRADED_AND_OUTCOMES table."""
+    if outcomes.num_rows != graded.num_rows or not outcomes.column("prompt_id").equals(graded.column("prompt_id")):
+        raise ContractError(f"{outcomes.num_rows} outcome rows for {graded.num_rows} graded rows, or in another "
+                            "prompt_id order; expected one per graded row, in its order")
+    return graded.append_column(GRADED_AND_OUTCOMES.field("outcome"), outcomes.to_struct_array())
+
+
+def split_outcomes(table: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Inverse of `with_outcomes`: (GRADED, PAIRS, SKIPS) tables, order kept."""
+    outcome = table.column("outcome")
+    if outcome.null_count:
+        raise ContractError("column 'outcome' has null values; each graded row must have its pair or skip")
+    both = pa.Table.from_struct_array(outcome) if outcome.num_chunks else PAIRS_AND_SKIPS.empty_table()
+    return (table.drop_columns(["outcome"]).cast(GRADED), *split_pairs_and_skips(both.cast(PAIRS_AND_SKIPS)))

@@ -9,12 +9,15 @@ import pytest
 from wpo_ray import contracts
 from wpo_ray.config import WeightingConfig
 from wpo_ray.pairing import (
+    GRADED_AND_OUTCOMES,
     PAIRS_AND_SKIPS,
     build_pairs,
     difficulty_weights,
     pairs_and_skips_batch,
     skip_record,
+    split_outcomes,
     split_pairs_and_skips,
+    with_outcomes,
 )
 
 DIFF = WeightingConfig()  # scheme=difficulty, alpha=1, eps=1e-6
@@ -469,6 +472,38 @@ def test_split_of_concatenated_batches_keeps_order():
     pairs, skips = split_pairs_and_skips(pa.concat_tables(parts))
     ref_pairs, ref_skips = build_pairs(graded, 1, DIFF)
     assert pairs.equals(ref_pairs) and skips.equals(ref_skips)
+
+
+def test_graded_rows_with_their_outcomes_round_trip_through_parquet(tmp_path):
+    # One Ray Data execution grades and pairs a round: its rows carry both, and split back into
+    # exactly what grading and build_pairs give, also after Parquet and from batches of any size.
+    import pyarrow.parquet as pq
+
+    graded = contracts.validate(small_table(), "graded")
+    parts = [with_outcomes(graded.slice(i, 3), pairs_and_skips_batch(graded.slice(i, 3), 1, DIFF)) for i in (0, 3)]
+    pq.write_table(pa.concat_tables(parts), tmp_path / "x.parquet")
+    table = pq.read_table(tmp_path / "x.parquet")
+    assert table.schema.names == GRADED_AND_OUTCOMES.names
+    back, pairs, skips = split_outcomes(table)
+    ref_pairs, ref_skips = build_pairs(graded, 1, DIFF)
+    assert back.equals(graded.cast(contracts.GRADED)) and pairs.equals(ref_pairs) and skips.equals(ref_skips)
+    assert len(pairs) == 3 and len(skips) == 3
+    empty = split_outcomes(GRADED_AND_OUTCOMES.empty_table())
+    assert [len(t) for t in empty] == [0, 0, 0] and empty[1].schema.equals(contracts.PAIRS)
+
+
+def test_outcomes_must_line_up_with_the_graded_rows():
+    graded = small_table()
+    outcomes = pairs_and_skips_batch(graded, 1, DIFF)
+    with pytest.raises(contracts.ContractError, match="5 outcome rows for 6 graded rows"):
+        with_outcomes(graded, outcomes.slice(1))
+    with pytest.raises(contracts.ContractError, match="prompt_id order"):
+        with_outcomes(graded, outcomes.take([1, 0, 2, 3, 4, 5]))
+    joined = with_outcomes(graded, outcomes)
+    no_outcome = joined.set_column(joined.schema.get_field_index("outcome"), GRADED_AND_OUTCOMES.field("outcome"),
+                                   pa.nulls(len(joined), GRADED_AND_OUTCOMES.field("outcome").type))
+    with pytest.raises(contracts.ContractError, match="'outcome' has null values"):
+        split_outcomes(no_outcome)
 
 
 def test_split_rejects_unknown_kind():
