@@ -97,6 +97,16 @@ class ReferencePool:
             batch_size=None if streamed else self.batch_size, batch_format="pyarrow", num_cpus=0,
             compute=proxy_tasks(len(self.actors)))
 
+    def outcomes_stage(self, ds, model_path: str):
+        """Graded rows with their pairs and skips (GRADED_AND_OUTCOMES) → the same with the pairs'
+        reference log-probs, as a lazy Ray Data stage: a staged round with a running pool scores its
+        pairs in the execution that grades and pairs them, a block at a time."""
+        from actors.stages import proxy_tasks, ref_logp_outcomes_batch
+
+        return ds.map_batches(ref_logp_outcomes_batch, fn_kwargs=dict(actors=self.actors, model_path=model_path),
+                              batch_size=None, batch_format="pyarrow", num_cpus=0,
+                              compute=proxy_tasks(len(self.actors)))
+
     def shutdown(self) -> None:
         import ray
 

@@ -100,6 +100,21 @@ def ref_logp_batch(batch: pa.Table, actors: list, model_path: str) -> pa.Table:
     return ray.get(actors[actor_for(batch, len(actors))].logps.remote(batch, model_path))
 
 
+def ref_logp_outcomes_batch(batch: pa.Table, actors: list, model_path: str) -> pa.Table:
+    """Graded rows with their outcomes → the same with their pairs' reference log-probs under
+    `model_path` (null on skips), scored on one of the `RefLogpActor`s."""
+    import ray
+
+    from wpo_ray.pairing import outcome_pairs, with_ref_logps
+
+    pairs, idx = outcome_pairs(batch)
+    if not len(idx):
+        return with_ref_logps(batch, idx, [], [])
+    scored = ray.get(actors[actor_for(batch, len(actors))].logps.remote(pairs, model_path))
+    return with_ref_logps(batch, idx, scored.column("ref_chosen_logp").to_pylist(),
+                          scored.column("ref_rejected_logp").to_pylist())
+
+
 def pair_and_persist(batch: pa.Table, actors: list, out_dir: str, round_idx: int, weighting: dict,
                      too_long=None) -> pa.Table:
     """A streamed round's graded batch → its pairs, paired on one of the `GraderActor`s; the

@@ -66,6 +66,7 @@ def main() -> None:
     from wpo_ray.bootstrap import resolve_policy
     from wpo_ray.cluster import init_ray
     from wpo_ray.config import load_config
+    from wpo_ray.contracts import PAIRS
     from wpo_ray.rundir import RunDir
 
     # 3 rounds, as the figures in docs/BENCHMARKS.md were measured (the default now runs 5).
@@ -86,8 +87,9 @@ def main() -> None:
             walls[mode] = time.perf_counter() - t0
             rounds[mode] = [round_breakdown(d, r, cfg.run.rounds) for r in range(1, cfg.run.rounds + 1)]
             pool.load_weights(policy)  # the next variant starts from the same engine state
-        same = [pq.read_table(Path(tmp) / variants[0] / f"round-{r:03d}" / "pairs").equals(
-                pq.read_table(Path(tmp) / variants[-1] / f"round-{r:03d}" / "pairs"))
+        # (persistent pairs carry their reference log-probs: a running RefLogp pool scores them as they are paired)
+        same = [pq.read_table(Path(tmp) / variants[0] / f"round-{r:03d}" / "pairs", columns=PAIRS.names).equals(
+                pq.read_table(Path(tmp) / variants[-1] / f"round-{r:03d}" / "pairs", columns=PAIRS.names))
                 for r in range(1, cfg0.run.rounds + 1)] if len(variants) > 1 else []
     pool.shutdown()
 

@@ -2,7 +2,8 @@
 
     round 0:  evaluate the initial policy
     round r:  prompts → samples (vLLM engines) → graded → pairs + skips, weighted (grader actors)
-              → reference log-probs (RefLogp actors) → DeepSpeed workers → checkpoint → evaluate;
+              → reference log-probs (RefLogp actors; in the same execution when the pool is
+              running) → DeepSpeed workers → checkpoint → evaluate;
               the engines take the new policy in place for round r + 1, from the trainers' memory
               (sampling.weight_handover=memory) or the checkpoint
 
@@ -194,6 +195,13 @@ class LazyTrainers:
 
             group.reference = ReferencePool(self.cfg, reference)  # stopped with the group
 
+    def reference(self, path: str):
+        """(the running RefLogp pool, `path`) when the group has one up: a staged round's pairs then
+        get their reference log-probs as they are paired (pipeline/sampling.py). None otherwise."""
+        if self.group is not None and self.group.reference is not None:
+            return self.group.reference, path
+        return None
+
     def close(self) -> None:
         if self.group is not None:
             self.group.close()
@@ -213,7 +221,7 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
         else:  # staged, or a streamed round whose pairs were recorded before its training was
             if not run.done(r, "pairs"):  # (a resumed round starts no engine it does not need)
                 run_sampling(cfg, run, r, policy, pool=samplers(policy), graders=graders(),
-                             after_samples=samplers.engines_idle)
+                             after_samples=samplers.engines_idle, reference=trainers.reference(reference))
             samplers.engines_idle()  # (pairs recorded before a restart: the engines idle from here too)
             samplers.before_training()  # colocated: the engines give the trainers their GPUs
             group = trainers(samplers.placement)

@@ -193,13 +193,15 @@ def pairs_stage(run: RunDir, r: int, write: Callable[[Path, Path], None]) -> dic
 
 
 def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, graders=None,
-                 after_samples: Callable[[], None] | None = None) -> dict:
+                 after_samples: Callable[[], None] | None = None, reference=None) -> dict:
     """Run (or resume) the sampling half of round r with the policy at `policy_path`.
 
     `pool` is the run's SamplerPool and `graders` its GraderPool (both kept across rounds); what is
     not given is started when needed and shut down on return. `after_samples` is called once the
-    samples are recorded (the engines are idle from then on). Returns the round's pair/skip
-    accounting.
+    samples are recorded (the engines are idle from then on). `reference` = (running
+    ReferencePool, reference model path): the pairs get their reference log-probs in the execution
+    that grades and pairs them, so the training stage needs no execution of its own for them.
+    Returns the round's pair/skip accounting.
     """
     import ray.data
 
@@ -242,6 +244,8 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
         # A stage's own output is in order already (write_in_order): read as Ray Data lists it.
         ds = grader_pool().grade_and_pair_stage(ray.data.read_parquet(str(run.output(r, "samples"))), r,
                                                 cfg.weighting, length_check(cfg, policy_path))
+        if reference is not None:
+            ds = reference[0].outcomes_stage(ds, reference[1])
         write_in_order(ds, fused, GRADED_AND_OUTCOMES)
         split_files(fused, lambda t: split_outcomes(t)[:1], [(out("graded"), contracts.GRADED)])
         fused_here = True
@@ -251,6 +255,8 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
         if fused_here:
             split_files(fused, lambda t: split_outcomes(t)[1:], [(pairs_out, contracts.PAIRS),
                                                                   (skips_out, contracts.SKIPS)])
+            if reference is not None:
+                log.info("[round %d] the pairs' reference log-probs came with them (%s)", r, reference[1])
         else:
             both = grader_pool().pair_stage(ray.data.read_parquet(str(run.output(r, "graded"))), r, cfg.weighting,
                                             length_check(cfg, policy_path))

@@ -404,6 +404,8 @@ def run_training(cfg: Config, pairs_source: str | Path | None, output_dir: str |
         ds = reference_pool.stage(ds, reference_path, streamed=stream is not None)
         log.info("[train] reference log-probs precomputed by %d %sRefLogp actor(s) (%s)", t.reference.num_actors,
                  "running " if running else "", reference_path)
+    elif t.loss.needs_reference and has_ref and t.reference_logps == "precomputed":
+        log.info("[train] reference log-probs given with the pairs")
     elif t.loss.needs_reference and t.reference_logps == "worker":
         log.info("[train] reference model on each worker (%s)", reference_path)
     stage = zero_stage(cfg)

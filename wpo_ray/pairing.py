@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from wpo_ray.config import WeightingConfig
-from wpo_ray.contracts import GRADED, PAIRS, SKIP_REASONS, SKIPS, VERDICTS, ContractError
+from wpo_ray.contracts import GRADED, PAIRS, PAIRS_WITH_REF, REF_LOGP_FIELDS, SKIP_REASONS, SKIPS, VERDICTS, ContractError
 
 # Columns of GRADED this module reads (grade_notes and round are carried but not needed).
 _NEEDED = (
@@ -47,7 +47,8 @@ PAIRS_AND_SKIPS = pa.schema(
     + [f.with_nullable(True) for f in SKIPS if f.name not in ("prompt_id", "round")]
 )
 # A graded batch and its outcomes in one table, so that one Ray Data execution grades and pairs a
-# round: the GRADED columns plus each row's PAIRS_AND_SKIPS row as a struct.
+# round: the GRADED columns plus each row's PAIRS_AND_SKIPS row as a struct, and optionally the
+# pair's reference log-probs (REF_LOGP_FIELDS, null on a skip: `with_ref_logps`).
 GRADED_AND_OUTCOMES = pa.schema(list(GRADED) + [pa.field("outcome", pa.struct(list(PAIRS_AND_SKIPS)))])
 
 
@@ -278,10 +279,42 @@ def with_outcomes(graded: pa.Table, outcomes: pa.Table) -> pa.Table:
     return graded.append_column(GRADED_AND_OUTCOMES.field("outcome"), outcomes.to_struct_array())
 
 
-def split_outcomes(table: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """Inverse of `with_outcomes`: (GRADED, PAIRS, SKIPS) tables, order kept."""
+def outcome_pairs(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """The pair rows of a GRADED_AND_OUTCOMES table (prompt_id, prompt, chosen, rejected, in order)
+    and their row indices in it: what the reference model scores."""
+    both = _outcomes_table(table)
+    idx = np.flatnonzero(pc.equal(both.column("kind"), KIND_PAIR).to_numpy(zero_copy_only=False))
+    return both.take(idx).select(["prompt_id", "prompt", "chosen", "rejected"]), idx
+
+
+def with_ref_logps(table: pa.Table, idx: np.ndarray, chosen, rejected) -> pa.Table:
+    """`table` (GRADED_AND_OUTCOMES) with the reference log-probs of its pair rows `idx` (from
+    `outcome_pairs`) as REF_LOGP_FIELDS columns, null on skip rows."""
+    if not len(idx) == len(chosen) == len(rejected):
+        raise ContractError(f"{len(chosen)}/{len(rejected)} reference log-probs for {len(idx)} pairs")
+    for field, values in zip(REF_LOGP_FIELDS, (chosen, rejected)):
+        column = [None] * table.num_rows
+        for i, v in zip(idx.tolist(), values):
+            column[i] = v
+        table = table.append_column(field, pa.array(column, field.type))
+    return table
+
+
+def _outcomes_table(table: pa.Table) -> pa.Table:
     outcome = table.column("outcome")
     if outcome.null_count:
         raise ContractError("column 'outcome' has null values; each graded row must have its pair or skip")
     both = pa.Table.from_struct_array(outcome) if outcome.num_chunks else PAIRS_AND_SKIPS.empty_table()
-    return (table.drop_columns(["outcome"]).cast(GRADED), *split_pairs_and_skips(both.cast(PAIRS_AND_SKIPS)))
+    return both.cast(PAIRS_AND_SKIPS)
+
+
+def split_outcomes(table: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Inverse of `with_outcomes` (and `with_ref_logps`): (GRADED, PAIRS or PAIRS_WITH_REF, SKIPS)
+    tables, order kept."""
+    both = _outcomes_table(table)
+    pairs, skips = split_pairs_and_skips(both)
+    refs = [f.name for f in REF_LOGP_FIELDS]
+    if set(refs) <= set(table.column_names):
+        scored = table.select(refs).filter(pc.equal(both.column("kind"), KIND_PAIR))
+        pairs = pa.Table.from_arrays(pairs.columns + scored.columns, schema=PAIRS_WITH_REF)
+    return table.drop_columns(["outcome", *(c for c in refs if c in table.column_names)]).cast(GRADED), pairs, skips

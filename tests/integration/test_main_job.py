@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, TINY_OVERRIDES
+from wpo_ray import contracts
 
 pytestmark = pytest.mark.integration
 
@@ -108,8 +109,13 @@ def test_driver_killed_after_sampling_and_mid_training_resumes(tiny_policy, tiny
     # The pairs equal those of an uninterrupted sampling run with the same config.
     cfg = tiny_cfg_factory("run.rounds=1", *train_over, run_dir=tmp_path / "uninterrupted")
     run_sampling(cfg, RunDir(cfg), 1, tiny_policy, pool=vllm_pool, graders=grader_pool)
-    assert pq.read_table(run_dir / "round-001" / "pairs").equals(
-        pq.read_table(tmp_path / "uninterrupted" / "round-001" / "pairs"))
+    # The run's pairs also carry their reference log-probs: its running RefLogp pool scored them as
+    # they were paired, and the training stage used them as given.
+    pairs = pq.read_table(run_dir / "round-001" / "pairs")
+    assert pairs.select(contracts.PAIRS.names).equals(pq.read_table(tmp_path / "uninterrupted" / "round-001" / "pairs"))
+    for c in ("ref_chosen_logp", "ref_rejected_logp"):
+        assert pairs.column(c).null_count == 0 and max(pairs.column(c).to_pylist()) < 0, c
+    assert "reference log-probs given with the pairs" in out
 
     # A rerun of a finished run does nothing and says so quickly; a changed config is refused.
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -13,11 +13,13 @@ from wpo_ray.pairing import (
     PAIRS_AND_SKIPS,
     build_pairs,
     difficulty_weights,
+    outcome_pairs,
     pairs_and_skips_batch,
     skip_record,
     split_outcomes,
     split_pairs_and_skips,
     with_outcomes,
+    with_ref_logps,
 )
 
 DIFF = WeightingConfig()  # scheme=difficulty, alpha=1, eps=1e-6
@@ -490,6 +492,25 @@ def test_graded_rows_with_their_outcomes_round_trip_through_parquet(tmp_path):
     assert len(pairs) == 3 and len(skips) == 3
     empty = split_outcomes(GRADED_AND_OUTCOMES.empty_table())
     assert [len(t) for t in empty] == [0, 0, 0] and empty[1].schema.equals(contracts.PAIRS)
+
+
+def test_reference_log_probs_reach_exactly_their_pairs():
+    # The reference model scores the pair rows only; each value comes back on its own pair.
+    graded = small_table()
+    joined = with_outcomes(graded, pairs_and_skips_batch(graded, 1, DIFF))
+    to_score, idx = outcome_pairs(joined)
+    ref_pairs, _ = build_pairs(graded, 1, DIFF)
+    assert idx.tolist() == [0, 2, 4]
+    assert to_score.column("prompt_id").equals(ref_pairs.column("prompt_id"))
+    assert to_score.column("chosen").equals(ref_pairs.column("chosen"))
+    scored = with_ref_logps(joined, idx, [-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0])
+    assert scored.column("ref_chosen_logp").to_pylist() == [-1.0, None, -2.0, None, -3.0, None]
+    back, pairs, skips = split_outcomes(scored)
+    assert pairs.schema.equals(contracts.PAIRS_WITH_REF) and back.schema.equals(contracts.GRADED)
+    assert pairs.select(contracts.PAIRS.names).equals(ref_pairs)
+    assert pairs.column("ref_rejected_logp").to_pylist() == [-4.0, -5.0, -6.0]
+    with pytest.raises(contracts.ContractError, match="2/3 reference log-probs for 3 pairs"):
+        with_ref_logps(joined, idx, [-1.0, -2.0], [-4.0, -5.0, -6.0])
 
 
 def test_outcomes_must_line_up_with_the_graded_rows():
