@@ -1,8 +1,9 @@
 """The first half of a round: prompts → samples → graded → pairs + skips, as Parquet.
 
 Each stage reads the previous stage's Parquet with Ray Data, maps it over an actor pool, and
-writes its own output through the run directory's stage protocol (`RunDir.stage`); grading and
-pairing share one execution (the grader actors do both) and record two stages. Rows stream
+writes its own output through the run directory's stage protocol (`RunDir.stage`); sampling,
+grading and pairing share one execution (the grader actors grade and pair each batch as it is
+sampled) and record three stages. Rows stream
 through the actors; the driver never holds a stage's data.
 """
 
@@ -218,37 +219,45 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
             graders = GraderPool(cfg)
         return graders
 
+    # Sampling, grading, pairing (and, with `reference`, the reference log-probs) are one Ray Data
+    # execution: each batch is graded and paired as soon as it is sampled, beside the next batch's
+    # sampling, instead of in executions of their own after it (an execution's start costs as much
+    # as a tiny round's grading). Its rows, graded rows with their pair or skip, go to a scratch
+    # directory that the samples, graded and pairs stages then split into their outputs.
+    fused = run.round_dir(r) / "graded-and-outcomes.tmp"
+    fused_here = False  # written by this call (a resumed stage works from the recorded outputs)
+
+    def grade_and_pair(ds):
+        ds = grader_pool().grade_and_pair_stage(ds, r, cfg.weighting, length_check(cfg, policy_path))
+        return ds if reference is None else reference[0].outcomes_stage(ds, reference[1])
+
+    def write_fused(ds) -> None:
+        nonlocal fused_here
+        shutil.rmtree(fused, ignore_errors=True)
+        write_in_order(ds, fused, GRADED_AND_OUTCOMES)
+        fused_here = True
+
     def samples(out) -> dict:
         nonlocal pool
-        log.info("[round %d] sampling %d prompts x %d with %d %s engine(s)", r, n_prompts, s.n, s.num_actors,
-                 s.backend)
+        log.info("[round %d] sampling %d prompts x %d with %d %s engine(s), grading and pairing as they come", r,
+                 n_prompts, s.n, s.num_actors, s.backend)
         if pool is None:
             from actors.sampler import SamplerPool
 
             pool = SamplerPool(cfg, policy_path)
         pool.load_weights(policy_path)
-        ds = sample_stage(ray.data.read_parquet(str(run.output(r, "prompts") / "prompts.parquet")), cfg, pool, r,
-                          policy_path)
-        return dict(rows=write_in_order(ds, out("samples"), contracts.SAMPLES), policy=policy_path,
-                    backend=s.backend, placement={"samplers": pool.placement})
-
-    # Grading and pairing are one Ray Data execution (each is a fraction of a second of work on a
-    # tiny round; an execution's start costs as much): its rows, graded rows with their pairs and
-    # skips, go to a scratch directory that the two stages then split into their outputs.
-    fused = run.round_dir(r) / "graded-and-outcomes.tmp"
-    fused_here = False  # written by this call (a resumed pairs stage pairs the recorded graded rows)
+        write_fused(grade_and_pair(sample_stage(
+            ray.data.read_parquet(str(run.output(r, "prompts") / "prompts.parquet")), cfg, pool, r, policy_path)))
+        split_files(fused, lambda t: (split_outcomes(t)[0].select(contracts.SAMPLES.names).cast(contracts.SAMPLES),),
+                    [(out("samples"), contracts.SAMPLES)])
+        return dict(rows=count_rows(out("samples")), policy=policy_path, backend=s.backend,
+                    placement={"samplers": pool.placement})
 
     def graded(out) -> dict:
-        nonlocal fused_here
-        shutil.rmtree(fused, ignore_errors=True)
-        # A stage's own output is in order already (write_in_order): read as Ray Data lists it.
-        ds = grader_pool().grade_and_pair_stage(ray.data.read_parquet(str(run.output(r, "samples"))), r,
-                                                cfg.weighting, length_check(cfg, policy_path))
-        if reference is not None:
-            ds = reference[0].outcomes_stage(ds, reference[1])
-        write_in_order(ds, fused, GRADED_AND_OUTCOMES)
+        if not fused_here:  # samples recorded before a restart: grade and pair them now
+            # A stage's own output is in order already (write_in_order): read as Ray Data lists it.
+            write_fused(grade_and_pair(ray.data.read_parquet(str(run.output(r, "samples")))))
         split_files(fused, lambda t: split_outcomes(t)[:1], [(out("graded"), contracts.GRADED)])
-        fused_here = True
         return dict(rows=count_rows(out("graded")))
 
     def pairs_and_skips(pairs_out: Path, skips_out: Path) -> None:

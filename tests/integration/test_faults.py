@@ -154,9 +154,10 @@ def test_a_vllm_engine_killed_mid_round_gives_the_round_an_undisturbed_run_gives
 
 def test_a_grader_killed_while_grading_and_while_pairing_gives_the_round_an_undisturbed_run_gives(
         tiny_cfg_factory, tiny_policy, vllm_pool, grader_pool, failpoints, tmp_path):
-    """A run's grader SIGKILLed in its second grading batch, then in its second pairing batch: Ray
-    restarts it and retries the batch, and the round's graded rows, pairs and skips are those of an
-    undisturbed run (grading and pairing are pure)."""
+    """A run's grader SIGKILLed in its first pairing batch, then (restarted) in its second grading
+    batch: Ray restarts it and retries the batch, and the round's graded rows, pairs and skips are
+    those of an undisturbed run (grading and pairing are pure). Each batch is graded, then paired,
+    in one call, as the batches come from sampling."""
     from actors.grader import GraderPool
     from pipeline.sampling import run_sampling
     from wpo_ray.rundir import RunDir
@@ -167,8 +168,8 @@ def test_a_grader_killed_while_grading_and_while_pairing_gives_the_round_an_undi
     graders = GraderPool(killed)  # its own: the shared one is never killed
     try:
         before = graders.info()
-        arm(failpoints, "grader.grade", hit=2)
-        arm(failpoints, "grader.pair", hit=2)
+        arm(failpoints, "grader.grade", hit=2)  # (hits count per process: the restarted one's second)
+        arm(failpoints, "grader.pair", hit=1)
         info = run_sampling(killed, RunDir(killed), 1, tiny_policy, pool=vllm_pool, graders=graders)
         assert fired(failpoints, "grader.grade") and fired(failpoints, "grader.pair"), "nothing was tested"
         assert graders.info()[0]["pid"] != before[0]["pid"]  # the actor really died and came back
