@@ -419,7 +419,11 @@ def train_round(engine, tokenizer, ref_model, cfg: Config, rnd: Round, shard, ck
         if done:
             break
         batches = (epoch_batches(shard, mb, cfg.run.seed, rank, epoch) if rnd.shuffle
-                   else shard.iter_batches(batch_size=mb, batch_format="pyarrow", drop_last=True))
+                   # A stream's blocks are used as they come: Ray Data's local prefetch holds a block
+                   # back until the next has arrived, so a rank could wait for pairs not yet sampled
+                   # while its share of those already sampled would make a micro-batch.
+                   else shard.iter_batches(batch_size=mb, batch_format="pyarrow", drop_last=True,
+                                           prefetch_batches=1 if rnd.shards is not None else 0))
         for batch in batches:
             seen += 1
             cols = batch.to_pydict()
