@@ -415,15 +415,16 @@ def train_round(engine, tokenizer, ref_model, cfg: Config, rnd: Round, shard, ck
     seen, accum, t_step, tokens = 0, [], time.time(), 0
     mb, max_length = t.micro_batch_size, train_max_length(cfg)
     done = progress.step >= total_steps
+    # A stream's blocks are used as they come: Ray Data's local prefetch holds a block back until
+    # the next has arrived, so a rank could wait for pairs not yet sampled while its share of
+    # those already sampled would make a micro-batch (docs/ENVIRONMENT.md).
+    prefetch = 1 if rnd.shards is not None else 0
     for epoch in range(t.epochs):
         if done:
             break
         batches = (epoch_batches(shard, mb, cfg.run.seed, rank, epoch) if rnd.shuffle
-                   # A stream's blocks are used as they come: Ray Data's local prefetch holds a block
-                   # back until the next has arrived, so a rank could wait for pairs not yet sampled
-                   # while its share of those already sampled would make a micro-batch.
                    else shard.iter_batches(batch_size=mb, batch_format="pyarrow", drop_last=True,
-                                           prefetch_batches=1 if rnd.shards is not None else 0))
+                                           prefetch_batches=prefetch))
         for batch in batches:
             seen += 1
             cols = batch.to_pydict()
