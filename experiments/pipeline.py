@@ -21,6 +21,7 @@ the test split is used only to report.
 
     .venv/bin/python experiments/pipeline.py [--seeds 0,1,2] [--arms weighted,uniform] \\
         [--config configs/tiny-cpu.yaml] [--out experiments/results/pipeline] [-- extra overrides]
+    .venv/bin/python experiments/pipeline.py --table --seeds 0,1,2 --arms ... --out DIR   # runs nothing
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ ARMS: dict[str, list[str]] = {
     # gold worked solutions, and rejection-sampling fine-tuning on the policy's own correct samples.
     "sft-gold": ["weighting.scheme=uniform", "weighting.chosen=gold", "train.loss.base=sft"],
     "rft": ["weighting.scheme=uniform", "weighting.chosen=sampled", "train.loss.base=sft"],
+    # Iterative DPO's usual anchor: each round's reference is the policy it samples (round r - 1's).
+    "weighted-refprev": ["weighting.scheme=difficulty", "run.reference=previous"],
+    "uniform-refprev": ["weighting.scheme=uniform", "run.reference=previous"],
 }
 
 
@@ -128,13 +132,13 @@ def _ms(xs: list[float]) -> str:
 
 def table(results: dict[tuple[str, int], dict], arms: list[str], seeds: list[int]) -> str:
     buckets = ("easy", "medium", "hard")
-    lines = ["arm        seeds  round 0 -> last (greedy)   gain           " + "  ".join(f"{b:>14}" for b in buckets)]
+    lines = ["arm              seeds  round 0 -> last (greedy)   gain           " + "  ".join(f"{b:>14}" for b in buckets)]
     for arm in arms:
         runs = [results[(arm, s)] for s in seeds if (arm, s) in results]
         first = [r["rounds"][0]["greedy"] for r in runs]
         last = [r["rounds"][-1]["greedy"] for r in runs]
         by = ["  ".join(f"{_ms([r['rounds'][-1]['greedy_by_bucket'].get(b, 0.0) for r in runs]):>14}" for b in buckets)]
-        lines.append(f"{arm:10} {len(runs):5}  {_ms(first)} -> {_ms(last):15} {_ms([b - a for a, b in zip(first, last)]):14} "
+        lines.append(f"{arm:16} {len(runs):5}  {_ms(first)} -> {_ms(last):15} {_ms([b - a for a, b in zip(first, last)]):14} "
                      + by[0])
     lines.append("")
     lines.append("dev split, greedy accuracy after the last round (what settings are chosen on):")
@@ -153,13 +157,21 @@ def table(results: dict[tuple[str, int], dict], arms: list[str], seeds: list[int
     base = arms[0]
     for arm in arms[1:]:
         lines.append("")
-        lines.append(f"paired difference {base} - {arm} after the last round, per seed (overall / " + " / ".join(buckets) + "):")
+        lines.append(f"paired difference {base} - {arm} after the last round, per seed (test: overall / "
+                     + " / ".join(buckets) + "; dev):")
+        test_d, dev_d = [], []
         for s in seeds:
             if (base, s) in results and (arm, s) in results:
                 a, b = results[(base, s)]["rounds"][-1], results[(arm, s)]["rounds"][-1]
                 d = [a["greedy"] - b["greedy"]] + [a["greedy_by_bucket"].get(k, 0.0) - b["greedy_by_bucket"].get(k, 0.0)
                                                     for k in buckets]
-                lines.append(f"  seed {s}: " + " / ".join(f"{x:+.3f}" for x in d))
+                test_d.append(d[0])
+                dev = ""
+                if "dev_greedy" in a and "dev_greedy" in b:
+                    dev_d.append(a["dev_greedy"] - b["dev_greedy"])
+                    dev = f"; dev {dev_d[-1]:+.3f}"
+                lines.append(f"  seed {s}: " + " / ".join(f"{x:+.3f}" for x in d) + dev)
+        lines.append(f"  mean ± std: test {_ms(test_d)}, dev {_ms(dev_d)}")
     return "\n".join(lines)
 
 
@@ -199,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default="weighted,uniform", help=f"comma-separated, of {sorted(ARMS)}")
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny-cpu.yaml"))
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "pipeline"))
+    ap.add_argument("--table", action="store_true",
+                    help="run nothing: print the table and draw the curves of the results already in --out")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. train.loss.base=ipo")
     args = ap.parse_args(argv)
     arms = args.arms.split(",")
@@ -207,12 +221,18 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown arm(s) {unknown}; known: {sorted(ARMS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results = {}
-    for seed in seeds:  # seed-major: a paired comparison is complete as early as possible
-        for arm in arms:
-            results[(arm, seed)] = run_one(args.config, arm, seed, args.overrides, out)
+    if args.table:
+        results = {(arm, seed): json.loads(f.read_text()) for seed in seeds for arm in arms
+                   if (f := out / f"{arm}-s{seed}.json").is_file()}
+        if not results:
+            raise SystemExit(f"[experiment] no results of arms {arms}, seeds {seeds} in {out}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for seed in seeds:  # seed-major: a paired comparison is complete as early as possible
+            for arm in arms:
+                results[(arm, seed)] = run_one(args.config, arm, seed, args.overrides, out)
     print(table(results, arms, seeds))
     print(f"[experiment] curves: {plot(results, arms, seeds, out / 'curves.png')}")
     print(f"\n[experiment] {len(results)} run(s) in {time.time() - t0:.0f}s; raw results in {out}")
