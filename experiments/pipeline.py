@@ -8,7 +8,7 @@ a given seed they see the same prompts each round and take the same number of op
 per round give or take the pairs each round yields (uniform and weighted build the same pairs from
 the same samples in round 1; later rounds sample diverging policies).
 
-What is kept, per run, in `<out>/<arm>-s<seed>.json`: the config overrides, per-round greedy and
+What is kept, per run, in `<out>/<arm>-s<seed>.json`: the config overrides and the resolved config, per-round greedy and
 maj@N accuracy on the test split, overall and by bucket, greedy accuracy on the dev split, the round's pairs, skips and skip
 reasons, the weight mean/min/max, and the wall time. A run whose JSON exists is not rerun; an
 interrupted run resumes where it stopped (its run directory is kept under `<out>/runs/`). The
@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,9 @@ ARMS: dict[str, list[str]] = {
     # Iterative DPO's usual anchor: each round's reference is the policy it samples (round r - 1's).
     "weighted-refprev": ["weighting.scheme=difficulty", "run.reference=previous"],
     "uniform-refprev": ["weighting.scheme=uniform", "run.reference=previous"],
+    # ... and the alternative it was chosen over: every round against the initial (bootstrap) policy.
+    "weighted-refinit": ["weighting.scheme=difficulty", "run.reference=initial"],
+    "uniform-refinit": ["weighting.scheme=uniform", "run.reference=initial"],
 }
 
 
@@ -97,7 +101,9 @@ def run_summary(run_dir: Path) -> dict:
                        **train_metrics(run_dir / f"round-{r:03d}" / "train" / "metrics.jsonl"))
         rounds.append(row)
         r += 1
-    return {"rounds": rounds}
+    # The config the run resolved (its defaults at the time included), so a result stays readable
+    # after the defaults in configs/ change.
+    return {"resolved_config": yaml.safe_load((run_dir / "config.yaml").read_text()), "rounds": rounds}
 
 
 def run_one(config: str, arm: str, seed: int, extra: list[str], out: Path) -> dict:
