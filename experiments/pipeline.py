@@ -182,15 +182,19 @@ def table(results: dict[tuple[str, int], dict], arms: list[str], seeds: list[int
 
 
 def plot(results: dict[tuple[str, int], dict], arms: list[str], seeds: list[int], path: Path) -> Path:
-    """Greedy accuracy per round: one thin line per seed, the mean over seeds thick; overall and hard."""
+    """Greedy accuracy per round: one thin line per seed, the mean over seeds thick; test overall,
+    test hard, and the dev split (what settings are chosen on) where the runs evaluated it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for ax, (title, get) in zip(axes, [("all test questions", lambda r: r["greedy"]),
-                                       ("hard bucket", lambda r: r["greedy_by_bucket"].get("hard", 0.0))]):
+    panels = [("all test questions", lambda r: r["greedy"]),
+              ("hard bucket (test)", lambda r: r["greedy_by_bucket"].get("hard", 0.0))]
+    if all("dev_greedy" in r for res in results.values() for r in res["rounds"]):
+        panels.append(("dev split", lambda r: r["dev_greedy"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharex=True)
+    for ax, (title, get) in zip(axes, panels):
         for k, arm in enumerate(arms):
             curves = [[get(r) for r in results[(arm, s)]["rounds"]] for s in seeds if (arm, s) in results]
             color = f"C{k}"
