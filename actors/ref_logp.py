@@ -5,11 +5,14 @@ the training step's own (`wpo_ray.step`), so reference and policy log-probs are 
 
 `ReferencePool` hosts `RefLogpActor`s for as long as its owner keeps it (the run's trainer group:
 every round), so the reference model is loaded once, and again only when the round's reference
-changes (`run.reference: previous`). `actors/stages.py: ref_logp_batch` is its Ray Data stage.
+changes (`run.reference: previous`): then from the trainers' memory when the round hands the
+weights over (the object ref the engines load), into the model already built, else from the
+checkpoint. `actors/stages.py: ref_logp_batch` is its Ray Data stage.
 """
 
 from __future__ import annotations
 
+import logging
 
 import pyarrow as pa
 import torch
@@ -21,29 +24,70 @@ from wpo_ray.integrity import verify_policy_dir
 from wpo_ray.logs import setup_worker_logging
 from wpo_ray.step import encode_batch, model_device, reference_logps
 
+log = logging.getLogger(__name__)
+
 
 class RefLogpActor:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 max_length: int = 512, micro_batch_size: int = 16, threads: int = 1, use_gpu: bool = False):
+                 max_length: int = 512, micro_batch_size: int = 16, threads: int = 1, use_gpu: bool = False,
+                 handover_timeout_s: float = 300.0):
         torch.set_num_threads(threads)  # the CPUs the actor reserved (train.reference.num_cpus_per_actor)
         setup_worker_logging()
         log_placement("ref-logp")
         # On a GPU actor Ray sets CUDA_VISIBLE_DEVICES to its GPU: that is cuda:0 here.
         self.dtype, self.trust_remote_code, self.device = dtype, trust_remote_code, "cuda" if use_gpu else "cpu"
-        self.max_length, self.micro = max_length, micro_batch_size
+        self.max_length, self.micro, self.handover_timeout_s = max_length, micro_batch_size, handover_timeout_s
         self._load(model_path)
 
-    def _load(self, model_path: str) -> None:
-        verify_policy_dir(model_path)
+    def _load(self, model_path: str, weights: list | None = None) -> None:
+        """The reference at `model_path`: from `weights` ([object ref of the packed state dict,
+        wpo_ray/weights.py], in a list so Ray hands the ref over unresolved) into the model held,
+        when given; from the checkpoint when not, or when that fails (logged)."""
+        self.loaded_from = None
+        if weights is not None:
+            try:
+                self._load_state(model_path, weights[0])
+                self.model_path, self.loaded_from = model_path, "memory"
+                return
+            except Exception as e:  # noqa: BLE001 - lost object, timeout, mismatch: the checkpoint has it
+                log.warning("[ref-logp] in-memory hand-over of %s failed (%s: %s); loading the checkpoint",
+                            model_path, type(e).__name__, e)
+        verify_policy_dir(model_path)  # every file checked before it is read
         self.model, self.tokenizer = load_hf_policy(model_path, self.dtype, self.trust_remote_code, device=self.device)
-        self.model_path = model_path
+        self.model_path, self.loaded_from = model_path, "checkpoint"
 
-    def logps(self, batch: pa.Table, model_path: str) -> pa.Table:
+    def _load_state(self, model_path: str, ref) -> None:
+        """Copy the handed-over tensors into the model held (same architecture: a round's policy
+        is trained from the one before it). What the checkpoint at `model_path` holds must all be
+        there; a parameter left out may only be one tied to a loaded one (a tied lm_head)."""
+        import ray
+
+        from wpo_ray.weights import checkpoint_tensors, unpack_state
+
+        state = checkpoint_tensors(unpack_state(ray.get(ref, timeout=self.handover_timeout_s)), model_path)
+        held = self.model.state_dict()
+        loaded = {held[k].data_ptr() for k in state if k in held}
+        untied = [k for k in held if k not in state and held[k].data_ptr() not in loaded]
+        unknown = [k for k in state if k not in held]
+        if untied or unknown:
+            raise ValueError(f"the handed-over weights do not fit the reference model: "
+                             f"{len(untied)} of its tensors missing (e.g. {untied[:1]}), "
+                             f"{len(unknown)} it does not have (e.g. {unknown[:1]})")
+        with torch.no_grad():  # copy_ casts to the model's dtype and moves to its device
+            for k, t in state.items():
+                held[k].copy_(t)
+
+    def holding(self) -> tuple[str, str]:
+        """(the reference held, where it came from: "memory" or "checkpoint")."""
+        return self.model_path, self.loaded_from
+
+    def logps(self, batch: pa.Table, model_path: str, weights: list | None = None) -> pa.Table:
         """The batch with reference log-probs under `model_path` (loaded first if it is not the
-        model held: a new reference, or an actor Ray restarted with the model it was created with)."""
+        model held: a new reference, from `weights` when the round handed them over, or an actor
+        Ray restarted with the model it was created with)."""
         failpoint("ref_logp.logps")
         if model_path != self.model_path:
-            self._load(model_path)
+            self._load(model_path, weights)
         return self(batch)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -80,16 +124,18 @@ class ReferencePool:
         remote = ray.remote(num_cpus=ref.num_cpus_per_actor, num_gpus=ref.num_gpus_per_actor,
                             max_restarts=-1, max_task_retries=2)(RefLogpActor)
         self.actors = [remote.remote(model_path, cfg.model.dtype, cfg.model.trust_remote_code, train_max_length(cfg),
-                                     ref.micro_batch_size, max(1, int(ref.num_cpus_per_actor)), ref.num_gpus_per_actor > 0)
+                                     ref.micro_batch_size, max(1, int(ref.num_cpus_per_actor)), ref.num_gpus_per_actor > 0,
+                                     cfg.sampling.handover_timeout_s)
                        for _ in range(ref.num_actors)]
         self.batch_size = ref.batch_size
 
-    def stage(self, ds, model_path: str, streamed: bool):
-        """`ds` with the reference log-probs under `model_path` added, as a lazy Ray Data stage."""
+    def stage(self, ds, model_path: str, streamed: bool, weights: list | None = None):
+        """`ds` with the reference log-probs under `model_path` added, as a lazy Ray Data stage
+        (`weights`: [object ref of that model's weights] when the trainers handed them over)."""
         from actors.stages import proxy_tasks, ref_logp_batch
 
         return ds.map_batches(
-            ref_logp_batch, fn_kwargs=dict(actors=self.actors, model_path=model_path),
+            ref_logp_batch, fn_kwargs=dict(actors=self.actors, model_path=model_path, weights=weights),
             # Streamed: each upstream block (one sampling batch's pairs) as it comes. A fixed batch
             # size makes Ray Data hold pairs back until that many have arrived, and a round of few
             # pairs per sampling batch then reached the workers only when sampling had ended.
@@ -97,15 +143,22 @@ class ReferencePool:
             batch_size=None if streamed else self.batch_size, batch_format="pyarrow", num_cpus=0,
             compute=proxy_tasks(len(self.actors)))
 
-    def outcomes_stage(self, ds, model_path: str):
+    def outcomes_stage(self, ds, model_path: str, weights: list | None = None):
         """Graded rows with their pairs and skips (GRADED_AND_OUTCOMES) → the same with the pairs'
         reference log-probs, as a lazy Ray Data stage: a staged round with a running pool scores its
         pairs in the execution that grades and pairs them, a block at a time."""
         from actors.stages import proxy_tasks, ref_logp_outcomes_batch
 
-        return ds.map_batches(ref_logp_outcomes_batch, fn_kwargs=dict(actors=self.actors, model_path=model_path),
+        return ds.map_batches(ref_logp_outcomes_batch,
+                              fn_kwargs=dict(actors=self.actors, model_path=model_path, weights=weights),
                               batch_size=None, batch_format="pyarrow", num_cpus=0,
                               compute=proxy_tasks(len(self.actors)))
+
+    def holding(self) -> list[tuple[str, str]]:
+        """Each actor's (reference held, "memory" or "checkpoint")."""
+        import ray
+
+        return ray.get([a.holding.remote() for a in self.actors])
 
     def shutdown(self) -> None:
         import ray

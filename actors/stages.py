@@ -93,14 +93,15 @@ def grade_and_pair_batch(batch: pa.Table, actors: list, round_idx: int, weightin
     return ray.get(actors[actor_for(batch, len(actors))].grade_and_pair.remote(batch, round_idx, weighting, too_long))
 
 
-def ref_logp_batch(batch: pa.Table, actors: list, model_path: str) -> pa.Table:
-    """pairs → pairs with reference log-probs under `model_path`, on one of the `RefLogpActor`s."""
+def ref_logp_batch(batch: pa.Table, actors: list, model_path: str, weights: list | None = None) -> pa.Table:
+    """pairs → pairs with reference log-probs under `model_path` (its weights handed over as
+    `weights`, when given), on one of the `RefLogpActor`s."""
     import ray
 
-    return ray.get(actors[actor_for(batch, len(actors))].logps.remote(batch, model_path))
+    return ray.get(actors[actor_for(batch, len(actors))].logps.remote(batch, model_path, weights))
 
 
-def ref_logp_outcomes_batch(batch: pa.Table, actors: list, model_path: str) -> pa.Table:
+def ref_logp_outcomes_batch(batch: pa.Table, actors: list, model_path: str, weights: list | None = None) -> pa.Table:
     """Graded rows with their outcomes → the same with their pairs' reference log-probs under
     `model_path` (null on skips), scored on one of the `RefLogpActor`s."""
     import ray
@@ -110,7 +111,7 @@ def ref_logp_outcomes_batch(batch: pa.Table, actors: list, model_path: str) -> p
     pairs, idx = outcome_pairs(batch)
     if not len(idx):
         return with_ref_logps(batch, idx, [], [])
-    scored = ray.get(actors[actor_for(batch, len(actors))].logps.remote(pairs, model_path))
+    scored = ray.get(actors[actor_for(batch, len(actors))].logps.remote(pairs, model_path, weights))
     return with_ref_logps(batch, idx, scored.column("ref_chosen_logp").to_pylist(),
                           scored.column("ref_rejected_logp").to_pylist())
 

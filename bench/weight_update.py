@@ -13,7 +13,10 @@ goes through Ray's object store (`ray.put` as trainer rank 0 does, `ray.get` as 
 into vLLM's in-place reload as a weights iterator (`VLLMSampler.load_state`), timed from the
 state dict in memory to the engine holding it, against the in-place reload from the checkpoint
 as the engines do it: the checksum pass over the files (`verify_policy_dir`), then the read.
-Both sides read files that were just written (in the page cache).
+Both sides read files that were just written (in the page cache). The same for the reference
+model under `run.reference=previous`: a RefLogp actor taking the new policy from memory into the
+model it holds (from an object the trainers put for the engines anyway), against reading the
+checkpoint (checksums, then a new model from the files).
 
 A correctness check comes with the timing: after the in-place and the in-memory updates the
 engine's greedy answers must equal those of a fresh engine started on the same checkpoint.
@@ -108,6 +111,26 @@ def main() -> None:
             target = a if target == b else b
         assert target == a  # an even number of swaps ends on B
         after_in_memory = greedy(sampler)
+
+        # The reference model (run.reference=previous): a RefLogp actor takes each round's policy,
+        # from the trainers' memory into the model it holds, or from the checkpoint (checksums,
+        # then a new model from the files). Timed in this process, as the actor does it; the put is
+        # trainer rank 0's, already timed above as the engines' hand-over.
+        from actors.ref_logp import RefLogpActor
+
+        ref_actor = RefLogpActor(a)
+        ref_memory, ref_checkpoint, target = [], [], b
+        for _ in range(args.repeats * 2):
+            weights = [ray.put(pack_state(states[target]))]  # put once by rank 0, for the engines too: not timed
+            t0 = time.perf_counter()
+            ref_actor._load(target, weights)
+            ref_memory.append(time.perf_counter() - t0)
+            assert ref_actor.loaded_from == "memory"
+            t0 = time.perf_counter()
+            ref_actor._load(target)
+            ref_checkpoint.append(time.perf_counter() - t0)
+            target = a if target == b else b
+        del ref_actor
         ray.shutdown()
         del sampler
         gc.collect()
@@ -130,9 +153,14 @@ def main() -> None:
           f"({', '.join(f'{x:.2f}' for x in reloads)})")
     print(f"in memory: median {median(in_memory):.3f}s over {len(in_memory)} updates "
           f"({', '.join(f'{x:.3f}' for x in in_memory)})")
+    print(f"reference actor, from memory: median {median(ref_memory):.3f}s "
+          f"({', '.join(f'{x:.3f}' for x in ref_memory)})")
+    print(f"reference actor, from the checkpoint: median {median(ref_checkpoint):.3f}s "
+          f"({', '.join(f'{x:.3f}' for x in ref_checkpoint)})")
     print(f"greedy answers after the in-place and in-memory updates equal a fresh engine's: {same}")
     print(f"ratio reload / in place: {median(reloads) / median(in_place):.1f}x")
     print(f"ratio in memory / from the checkpoint: {median(in_memory) / median(in_place):.2f}x")
+    print(f"ratio reference actor, in memory / from the checkpoint: {median(ref_memory) / median(ref_checkpoint):.2f}x")
     if not same:
         raise SystemExit("an update gave other answers than a fresh engine on the same weights")
 

@@ -172,6 +172,7 @@ class LazyTrainers:
 
     def __init__(self, cfg: Config, run: RunDir):
         self.cfg, self.run, self.group = cfg, run, None
+        self.handed_over = None  # (policy path, object ref of its weights): the last round's, for the RefLogp pool
 
     def __call__(self, placement: str):
         if self.cfg.run.trainers != "persistent" or placement != "separate":
@@ -195,12 +196,20 @@ class LazyTrainers:
 
             group.reference = ReferencePool(self.cfg, reference)  # stopped with the group
 
+    def hand_over(self, policy: str, weights) -> None:
+        """The group holds `policy`'s weights in memory (`weights`, an object ref, or None): a
+        round whose reference is `policy` (`run.reference: previous`) loads them from there."""
+        self.handed_over = (policy, weights) if weights is not None else None
+
     def reference(self, path: str):
-        """(the running RefLogp pool, `path`) when the group has one up: a staged round's pairs then
-        get their reference log-probs as they are paired (pipeline/sampling.py). None otherwise."""
-        if self.group is not None and self.group.reference is not None:
-            return self.group.reference, path
-        return None
+        """(the running RefLogp pool, `path`, [object ref of its weights] or None) when the group has
+        a pool up: a staged round's pairs then get their reference log-probs as they are paired
+        (pipeline/sampling.py). None otherwise. The hand-over is used once: the object store frees
+        the weights when the trainers' next round starts."""
+        if self.group is None or self.group.reference is None:
+            return None
+        held, self.handed_over = self.handed_over, None
+        return self.group.reference, path, [held[1]] if held is not None and held[0] == path else None
 
     def close(self) -> None:
         if self.group is not None:
@@ -227,8 +236,10 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
             group = trainers(samplers.placement)
             info = run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference,
                                 run.train_dir(r), group=group, round_idx=r)
-        if group is not None:  # the engines take the new policy from the trainers' memory, not this checkpoint
-            samplers.offer(str(run.policy_dir(r)), group.weights(r))
+        if group is not None:  # the engines (and the next reference) take the new policy from the trainers' memory
+            weights = group.weights(r)
+            samplers.offer(str(run.policy_dir(r)), weights)
+            trainers.hand_over(str(run.policy_dir(r)), weights)
         return info
 
     run.stage(r, "train", produce, outputs=("checkpoint",))

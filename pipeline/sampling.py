@@ -200,8 +200,10 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
     `pool` is the run's SamplerPool and `graders` its GraderPool (both kept across rounds); what is
     not given is started when needed and shut down on return. `after_samples` is called once the
     samples are recorded (the engines are idle from then on). `reference` = (running
-    ReferencePool, reference model path): the pairs get their reference log-probs in the execution
-    that grades and pairs them, so the training stage needs no execution of its own for them.
+    ReferencePool, reference model path, [object ref of its weights] or None): the pairs get their
+    reference log-probs in the execution that grades and pairs them, so the training stage needs no
+    execution of its own for them; with the weights, a new reference comes from the trainers'
+    memory instead of its checkpoint.
     Returns the round's pair/skip accounting.
     """
     import ray.data
@@ -229,7 +231,7 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
 
     def grade_and_pair(ds):
         ds = grader_pool().grade_and_pair_stage(ds, r, cfg.weighting, length_check(cfg, policy_path))
-        return ds if reference is None else reference[0].outcomes_stage(ds, reference[1])
+        return ds if reference is None else reference[0].outcomes_stage(ds, reference[1], reference[2])
 
     def write_fused(ds) -> None:
         nonlocal fused_here
@@ -248,6 +250,10 @@ def run_sampling(cfg: Config, run: RunDir, r: int, policy_path: str, pool=None, 
         pool.load_weights(policy_path)
         write_fused(grade_and_pair(sample_stage(
             ray.data.read_parquet(str(run.output(r, "prompts") / "prompts.parquet")), cfg, pool, r, policy_path)))
+        if reference is not None and reference[2] is not None:  # the trainers handed this reference over
+            came = [how for held, how in reference[0].holding() if held == reference[1]]
+            log.info("[round %d] the reference %s reached %d RefLogp actor(s), %d of them from the trainers' memory",
+                     r, reference[1], len(came), came.count("memory"))
         split_files(fused, lambda t: (split_outcomes(t)[0].select(contracts.SAMPLES.names).cast(contracts.SAMPLES),),
                     [(out("samples"), contracts.SAMPLES)])
         return dict(rows=count_rows(out("samples")), policy=policy_path, backend=s.backend,

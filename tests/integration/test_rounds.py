@@ -49,6 +49,9 @@ def test_two_rounds_with_the_previous_policy_as_reference_resample_reweight_and_
         # Round 1's policy reached the engine from the trainer group's memory, not from its checkpoint.
         loaded = [r.getMessage() for r in caplog.records if "new policy" in r.getMessage()]
         assert len(loaded) == 1 and "from the trainers' memory" in loaded[0], loaded
+        # ... and so did round 2's reference (round 1's policy) to the RefLogp pool.
+        ref = [m for m in said if "[round 2] the reference" in m]
+        assert len(ref) == 1 and "reached 1 RefLogp actor(s), 1 of them from the trainers' memory" in ref[0], ref
         before = manifest()
         assert {"round-001/train", "round-001/eval", "round-002/samples"} <= set(before)
         assert "round-002/graded" not in before
@@ -119,3 +122,50 @@ def test_a_run_the_cluster_cannot_hold_is_refused_before_anything_starts(ray_ses
     assert code == 1 and "trainers: the run holds 2 GPUs at once" in err and "the cluster has 0" in err, err
     assert not (tmp_path / "no-cache").exists()  # no bootstrap ran
     assert not list((tmp_path / "run").glob("round-*"))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-lm-head"])
+def test_a_kept_reference_actor_takes_the_next_reference_from_the_trainers_memory(ray_session, tmp_path, tied):
+    """`run.reference: previous` with a hand-over: the RefLogp actor copies round r's weights from
+    the object store into the model it holds, and its log-probs equal those of an actor that read
+    the checkpoint. Weights that do not fit (a tensor missing) fall back to the checkpoint."""
+    import numpy as np
+    import pyarrow as pa
+    import ray
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from actors.ref_logp import RefLogpActor
+    from wpo_ray.config import TinyModelConfig
+    from wpo_ray.tiny_model import build_char_tokenizer, build_tiny_model, save_policy
+    from wpo_ray.weights import pack_state
+
+    tok = build_char_tokenizer("0123456789+-*=")
+    models = []
+    for seed in (0, 1):  # the policy before and after a round
+        config = build_tiny_model(TinyModelConfig(), tok).config
+        config.tie_word_embeddings = tied
+        torch.manual_seed(seed)
+        models.append(LlamaForCausalLM(config))
+    a, b = (str(save_policy(m, tok, tmp_path / name)) for m, name in zip(models, "ab"))
+    assert (models[1].lm_head.weight.data_ptr() == models[1].model.embed_tokens.weight.data_ptr()) == tied
+    table = pa.table({"prompt_id": ["p0", "p1", "p2"], "prompt": ["1+1=", "12*3=", "7*8="],
+                      "chosen": ["2", "36", "56"], "rejected": ["3", "306", "54"]})
+
+    def logps(t: pa.Table) -> np.ndarray:
+        return np.array([t.column("ref_chosen_logp").to_pylist(), t.column("ref_rejected_logp").to_pylist()])
+
+    from_checkpoint = logps(RefLogpActor(b)(table))
+    actor = RefLogpActor(a)
+    before = logps(actor(table))
+    got = logps(actor.logps(table, b, [ray.put(pack_state(models[1].state_dict()))]))
+    assert (actor.model_path, actor.loaded_from) == (b, "memory")
+    np.testing.assert_allclose(got, from_checkpoint, rtol=0, atol=1e-6)
+    assert np.abs(got - before).max() > 1e-3  # it changed model, not only its name
+
+    state = dict(models[1].state_dict())
+    del state["model.layers.0.mlp.down_proj.weight"]
+    actor = RefLogpActor(a)
+    got = logps(actor.logps(table, b, [ray.put(pack_state(state))]))
+    assert (actor.model_path, actor.loaded_from) == (b, "checkpoint")
+    np.testing.assert_allclose(got, from_checkpoint, rtol=0, atol=1e-6)
