@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "pipeline"))
     ap.add_argument("--table", action="store_true",
                     help="run nothing: print the table and draw the curves of the results already in --out")
+    ap.add_argument("--curves", help="where the per-round curves go (default OUT/curves.png): a figure a page "
+                                     "shows keeps its own name, not redrawn by the next --table of other arms")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. train.loss.base=ipo")
     args = ap.parse_args(argv)
     arms = args.arms.split(",")
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             for arm in arms:
                 results[(arm, seed)] = run_one(args.config, arm, seed, args.overrides, out)
     print(table(results, arms, seeds))
-    print(f"[experiment] curves: {plot(results, arms, seeds, out / 'curves.png')}")
+    print(f"[experiment] curves: {plot(results, arms, seeds, Path(args.curves) if args.curves else out / 'curves.png')}")
     print(f"\n[experiment] {len(results)} run(s) in {time.time() - t0:.0f}s; raw results in {out}")
     return 0
 
