@@ -58,24 +58,12 @@ class RefLogpActor:
 
     def _load_state(self, model_path: str, ref) -> None:
         """Copy the handed-over tensors into the model held (same architecture: a round's policy
-        is trained from the one before it). What the checkpoint at `model_path` holds must all be
-        there; a parameter left out may only be one tied to a loaded one (a tied lm_head)."""
+        is trained from the one before it), checked against the checkpoint at `model_path` first."""
         import ray
 
-        from wpo_ray.weights import checkpoint_tensors, unpack_state
+        from wpo_ray.weights import checkpoint_tensors, load_into, unpack_state
 
-        state = checkpoint_tensors(unpack_state(ray.get(ref, timeout=self.handover_timeout_s)), model_path)
-        held = self.model.state_dict()
-        loaded = {held[k].data_ptr() for k in state if k in held}
-        untied = [k for k in held if k not in state and held[k].data_ptr() not in loaded]
-        unknown = [k for k in state if k not in held]
-        if untied or unknown:
-            raise ValueError(f"the handed-over weights do not fit the reference model: "
-                             f"{len(untied)} of its tensors missing (e.g. {untied[:1]}), "
-                             f"{len(unknown)} it does not have (e.g. {unknown[:1]})")
-        with torch.no_grad():  # copy_ casts to the model's dtype and moves to its device
-            for k, t in state.items():
-                held[k].copy_(t)
+        load_into(self.model, checkpoint_tensors(unpack_state(ray.get(ref, timeout=self.handover_timeout_s)), model_path))
 
     def holding(self) -> tuple[str, str]:
         """(the reference held, where it came from: "memory" or "checkpoint")."""

@@ -172,7 +172,6 @@ class LazyTrainers:
 
     def __init__(self, cfg: Config, run: RunDir):
         self.cfg, self.run, self.group = cfg, run, None
-        self.handed_over = None  # (policy path, object ref of its weights): the last round's, for the RefLogp pool
 
     def __call__(self, placement: str):
         if self.cfg.run.trainers != "persistent" or placement != "separate":
@@ -196,20 +195,16 @@ class LazyTrainers:
 
             group.reference = ReferencePool(self.cfg, reference)  # stopped with the group
 
-    def hand_over(self, policy: str, weights) -> None:
-        """The group holds `policy`'s weights in memory (`weights`, an object ref, or None): a
-        round whose reference is `policy` (`run.reference: previous`) loads them from there."""
-        self.handed_over = (policy, weights) if weights is not None else None
-
-    def reference(self, path: str):
-        """(the running RefLogp pool, `path`, [object ref of its weights] or None) when the group has
-        a pool up: a staged round's pairs then get their reference log-probs as they are paired
-        (pipeline/sampling.py). None otherwise. The hand-over is used once: the object store frees
-        the weights when the trainers' next round starts."""
+    def reference(self, path: str, r: int):
+        """(the running RefLogp pool, `path`, [object ref of its weights] or None) for round r when
+        the group has a pool up: a staged round's pairs then get their reference log-probs as they
+        are paired (pipeline/sampling.py). None otherwise. The weights are round r − 1's, still held
+        by the group until round r trains, when `path` is that round's policy (`run.reference:
+        previous`); a resumed run has none and the pool reads the checkpoint."""
         if self.group is None or self.group.reference is None:
             return None
-        held, self.handed_over = self.handed_over, None
-        return self.group.reference, path, [held[1]] if held is not None and held[0] == path else None
+        weights = self.group.weights(r - 1) if r > 1 and path == str(self.run.policy_dir(r - 1)) else None
+        return self.group.reference, path, None if weights is None else [weights]
 
     def close(self) -> None:
         if self.group is not None:
@@ -230,16 +225,14 @@ def train_round(cfg: Config, run: RunDir, r: int, policy: str, reference: str, s
         else:  # staged, or a streamed round whose pairs were recorded before its training was
             if not run.done(r, "pairs"):  # (a resumed round starts no engine it does not need)
                 run_sampling(cfg, run, r, policy, pool=samplers(policy), graders=graders(),
-                             after_samples=samplers.engines_idle, reference=trainers.reference(reference))
+                             after_samples=samplers.engines_idle, reference=trainers.reference(reference, r))
             samplers.engines_idle()  # (pairs recorded before a restart: the engines idle from here too)
             samplers.before_training()  # colocated: the engines give the trainers their GPUs
             group = trainers(samplers.placement)
             info = run_training(cfg, run.output(r, "pairs"), out("checkpoint"), policy, reference,
                                 run.train_dir(r), group=group, round_idx=r)
-        if group is not None:  # the engines (and the next reference) take the new policy from the trainers' memory
-            weights = group.weights(r)
-            samplers.offer(str(run.policy_dir(r)), weights)
-            trainers.hand_over(str(run.policy_dir(r)), weights)
+        if group is not None:  # the engines take the new policy from the trainers' memory, not this checkpoint
+            samplers.offer(str(run.policy_dir(r)), group.weights(r))
         return info
 
     run.stage(r, "train", produce, outputs=("checkpoint",))

@@ -173,12 +173,9 @@ class HFSampler:
         return "reload"
 
     def load_state(self, state: dict) -> str:
-        # The tensors the checkpoint holds (wpo_ray/weights.py: checkpoint_tensors): a tied lm_head,
-        # which HF does not save, is missing and tied again; an unknown name is an error.
-        unexpected = self.model.load_state_dict(state, strict=False).unexpected_keys
-        if unexpected:
-            raise ValueError(f"weights the model does not have: {unexpected[:3]}")
-        self.model.tie_weights()
+        from wpo_ray.weights import load_into
+
+        load_into(self.model, state)  # the tensors the checkpoint holds (weights.checkpoint_tensors)
         return "in_memory"
 
     def generate(self, prompts, seeds, n, temperature, top_p, max_tokens):

@@ -59,3 +59,13 @@ def checkpoint_tensors(state: dict, path: str) -> dict:
         got = "missing" if k not in state else f"shape {list(state[k].shape)}"
         raise ValueError(f"{len(wrong)} tensor(s) differ from {path}, e.g. {k}: {got}, the checkpoint has {shapes[k]}")
     return {k: state[k] for k in shapes}
+
+
+def load_into(model, state: dict) -> None:
+    """Copy `state` (what `checkpoint_tensors` returns) into a transformers model of the same
+    architecture, in place: a tied lm_head, which the checkpoint leaves out, is tied again; a name
+    the model does not have raises. load_state_dict casts to the model's dtype and device."""
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"weights the model does not have: {unexpected[:3]}")
+    model.tie_weights()
